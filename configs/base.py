@@ -1,0 +1,83 @@
+"""Paper defaults (Moriya et al., SPIE MI 2018; JULE, CVPR 2016). Every number of SPEC.md lives here.
+
+Experiment configs import this module and change only what differs. This file is not meant to be
+run by itself: it has no volume path. See configs/lung_c.py for the paper run and configs/demo.py
+for a CPU-sized run on the built-in phantom.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the paper's default configuration (no data path set)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # One seed drives sampling, init, batching and k-means: same seed -> same labels.
+
+  # --- Input volume (SPEC 1) --------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ''  # Volume: zarr/N5 dir, tensorstore JSON spec, .nii/.nii.gz, .tif/.tiff, TIFF folder, .npy.
+  c.data.labels = ''  # Optional reference labels (0 = not annotated), any supported format.
+  c.data.threshold = 0.0  # Foreground intensity threshold in the volume's raw units.
+  c.data.foreground = 'above'  # 'above': voxel >= threshold is specimen; 'below': voxel <= threshold.
+  c.data.spacing = ()  # Voxel spacing override (per array axis); () = read from the file (else 1.0).
+  c.data.cache_chunk = 64  # Edge of the zarr chunks used when converting non-chunked inputs.
+
+  # --- Patches (SPEC 1) -------------------------------------------------------------------
+  c.patches = ml_collections.ConfigDict()
+  c.patches.patch_size = 27  # w: patch edge in voxels (odd, so a patch has a centre voxel).
+  c.patches.num_patches = 10_000  # n_s: random training patches with a foreground centre.
+
+  # --- CNN (SPEC 2) -------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.conv_features = (50, 50, 50)  # Channels of the three 3D convolutions.
+  c.model.kernel_size = 5  # Edge of every convolution kernel (VALID padding, stride 1).
+  c.model.pool_size = 2  # Max-pool window and stride after the first convolution.
+  c.model.hidden_dim = 1350  # Width of the first dense layer.
+  c.model.embed_dim = 160  # Width of the L2-normalised output embedding.
+  c.model.init_std = 0.01  # Conv/dense weights ~ N(0, init_std^2), biases 0.
+  c.model.bn_momentum = 0.9  # BatchNorm running-average momentum (Flax convention).
+  c.model.bn_epsilon = 1e-5  # BatchNorm epsilon.
+  c.model.conv_impl = 'auto'  # 'auto' (im2col on CPU, XLA conv elsewhere), 'xla' or 'im2col'.
+  c.model.dtype = 'float32'  # Activation/weight compute dtype: 'float32' or 'bfloat16'.
+
+  # --- Forward pass: GDL agglomerative clustering (SPEC 3) ------------------------------------
+  c.cluster = ml_collections.ConfigDict()
+  c.cluster.num_clusters = 100  # C (n*): JULE stops merging at this many clusters.
+  c.cluster.k_s = 20  # K_s: neighbours in the kNN graph.
+  c.cluster.k_c = 5  # K_c: affinities compared in the merge criterion.
+  c.cluster.a = 1.0  # sigma^2 = a * mean kNN squared distance.
+  c.cluster.lam = 1.0  # lambda: weight of the affinity-gap term in the merge criterion.
+  c.cluster.unfolding_rate = 0.9  # eta: merges per period = min(ceil(eta * Nc), Nc - C).
+
+  # --- Backward pass: representation learning (SPEC 4) ----------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs_per_period = 20  # CNN epochs after each period's merges.
+  c.train.final_period = True  # Moriya: one more training period on the final C labels.
+  c.train.batch_size = 100  # Patches per SGD step.
+  c.train.num_neg = 20  # Negatives per (anchor, positive) pair: min(num_neg, clusters_in_batch - 1).
+  c.train.gamma = 2.0  # Weight of the anchor-positive distance in the triplet loss.
+  c.train.margin = 0.2  # Triplet margin.
+  c.train.learning_rate = 0.01  # Base learning rate.
+  c.train.lr_gamma = 1e-4  # Torch 'inv' schedule: lr = base * (1 + lr_gamma * it) ** -lr_power.
+  c.train.lr_power = 0.75  # Exponent of the 'inv' schedule.
+  c.train.momentum = 0.9  # SGD momentum.
+  c.train.weight_decay = 5e-5  # L2 weight decay, added to the gradient of every parameter.
+  c.train.anchor_only_grad = False  # Released-Torch variant: gradients through anchors only.
+  c.train.dampened_momentum = False  # Released-Torch variant: v = 0.9 v + 0.1 g.
+  c.train.keep_checkpoints = 3  # Checkpoints kept under WORKDIR/checkpoints (older ones pruned).
+
+  # --- Phase 2: segmentation (SPEC 5) ---------------------------------------------------------
+  c.segment = ml_collections.ConfigDict()
+  c.segment.stride = 5  # s: grid spacing of patch centres; each label fills the s^3 block.
+  c.segment.num_segments = 3  # K: k-means clusters (segment labels 1..K, 0 = not covered).
+  c.segment.kmeans_restarts = 10  # k-means++ restarts (best inertia kept).
+  c.segment.kmeans_max_fit = 200_000  # Fit k-means on at most this many grid features (seeded).
+  c.segment.batch_size = 256  # Patches per feature-extraction batch.
+  c.segment.checkpoint = ''  # Another run's workdir or checkpoint dir to segment with ('' = ours).
+  c.segment.save_features = False  # Also write the grid features (features.npz) to the workdir.
+
+  # --- Evaluation (SPEC 6) --------------------------------------------------------------------
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.kmeans_max_fit = 200_000  # Intensity k-means baseline fit on this many voxels.
+  c.evaluate.figures = True  # Write PNG slice figures into the report.
+  return c
