@@ -15,12 +15,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Input volume (SPEC 1) --------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.path = ''  # Volume: zarr/N5 dir, tensorstore JSON spec, .nii/.nii.gz, .tif/.tiff, TIFF folder, .npy.
+  c.data.path = (
+    ''  # Volume: zarr/N5 dir, tensorstore JSON spec, .nii/.nii.gz, .tif/.tiff, TIFF folder, .npy.
+  )
   c.data.labels = ''  # Optional reference labels (0 = not annotated), any supported format.
   c.data.threshold = 0.0  # Foreground intensity threshold in the volume's raw units.
-  c.data.foreground = 'above'  # 'above': voxel >= threshold is specimen; 'below': voxel <= threshold.
+  c.data.foreground = (
+    'above'  # 'above': voxel >= threshold is specimen; 'below': voxel <= threshold.
+  )
   c.data.spacing = ()  # Voxel spacing override (per array axis); () = read from the file (else 1.0).
   c.data.cache_chunk = 64  # Edge of the zarr chunks used when converting non-chunked inputs.
+  c.data.phantom_shape = ()  # With no data.path: generate the built-in phantom of this shape.
+  c.data.phantom_seed = 0  # Seed of that phantom (its labels become data.labels).
+  c.data.expected_shape = ()  # Paper configs: the shape of the paper's volume (a mismatch is logged).
 
   # --- Patches (SPEC 1) -------------------------------------------------------------------
   c.patches = ml_collections.ConfigDict()
@@ -54,7 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.epochs_per_period = 20  # CNN epochs after each period's merges.
   c.train.final_period = True  # Moriya: one more training period on the final C labels.
   c.train.batch_size = 100  # Patches per SGD step.
-  c.train.num_neg = 20  # Negatives per (anchor, positive) pair: min(num_neg, clusters_in_batch - 1).
+  c.train.num_neg = (
+    20  # Negatives per (anchor, positive) pair: min(num_neg, clusters_in_batch - 1).
+  )
   c.train.gamma = 2.0  # Weight of the anchor-positive distance in the triplet loss.
   c.train.margin = 0.2  # Triplet margin.
   c.train.learning_rate = 0.01  # Base learning rate.
@@ -81,3 +90,49 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate.kmeans_max_fit = 200_000  # Intensity k-means baseline fit on this many voxels.
   c.evaluate.figures = True  # Write PNG slice figures into the report.
   return c
+
+
+def cpu_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a paper config to a run that finishes in minutes on a 2-core CPU.
+
+  Same method and geometry (27^3 patches, stride-5 grid, K = 3); fewer patches, a narrower CNN, fewer
+  epochs. Use it to check a volume and the settings before the paper-size GPU run.
+
+  Args:
+    c: a paper config.
+
+  Returns:
+    The same ConfigDict, modified in place.
+  """
+  c.patches.num_patches = 2000
+  c.model.conv_features = (16, 16, 16)
+  c.model.hidden_dim = 256
+  c.model.embed_dim = 64
+  c.cluster.num_clusters = min(c.cluster.num_clusters, 50)
+  c.train.epochs_per_period = 3
+  return c
+
+
+def paper_experiment(
+  arg: str, *, threshold: float, spacing_mm: float, shape: tuple[int, int, int], num_clusters: int
+) -> ml_collections.ConfigDict:
+  """One of the paper's Table 1 experiments; `arg == 'cpu'` gives its CPU-size variant.
+
+  Args:
+    arg: the text after ':' in `--config=configs/lung_x.py:ARG` ('' or 'cpu').
+    threshold: foreground threshold in the scanner's raw units.
+    spacing_mm: isotropic voxel edge in millimetres.
+    shape: the paper volume's shape (checked against the user's volume, a mismatch is logged).
+    num_clusters: C, the cluster count at which JULE stops merging.
+
+  Returns:
+    The experiment's config (data.path still to be set by the user).
+  """
+  c = get_config()
+  c.data.threshold = threshold
+  c.data.spacing = (spacing_mm,) * 3
+  c.data.expected_shape = shape
+  c.cluster.num_clusters = num_clusters
+  if arg not in ('', 'cpu'):
+    raise ValueError(f"config argument must be '' or 'cpu', got {arg!r}")
+  return cpu_variant(c) if arg == 'cpu' else c

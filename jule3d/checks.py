@@ -1,0 +1,147 @@
+"""Config validation: every field a user can get wrong, checked before any expensive work."""
+
+import math
+
+import ml_collections
+
+from jule3d.errors import UserError
+
+
+def _require(ok: bool, field: str, value, expected: str) -> None:
+  if not ok:
+    raise UserError(f'config.{field} = {value!r}: expected {expected}.')
+
+
+def _int_at_least(c: ml_collections.ConfigDict, field: str, low: int) -> int:
+  value = c
+  for part in field.split('.'):
+    value = value[part]
+  _require(
+    isinstance(value, int) and not isinstance(value, bool) and value >= low,
+    field,
+    value,
+    f'an integer >= {low}',
+  )
+  return value
+
+
+def conv_output_size(patch_size: int, kernel_size: int, pool_size: int) -> int:
+  """Edge of the last conv layer's output for the SPEC 2 layout (conv, pool, conv, conv; VALID).
+
+  Args:
+    patch_size: input patch edge.
+    kernel_size: convolution kernel edge.
+    pool_size: max-pool window and stride.
+
+  Returns:
+    The output edge (<= 0 when the patch is too small for the network).
+  """
+  edge = patch_size - kernel_size + 1
+  edge = edge // pool_size
+  return edge - 2 * (kernel_size - 1)
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first field whose value cannot work.
+
+  Args:
+    c: the full run config (configs/base.py layout).
+  """
+  _require(isinstance(c.seed, int), 'seed', c.seed, 'an integer')
+  _require(
+    c.data.foreground in ('above', 'below'),
+    'data.foreground',
+    c.data.foreground,
+    "'above' or 'below'",
+  )
+  thr = c.data.threshold
+  _require(
+    isinstance(thr, (int, float)) and math.isfinite(thr), 'data.threshold', thr, 'a finite number'
+  )
+  if c.data.spacing:
+    _require(
+      len(c.data.spacing) == 3 and all(float(s) > 0 for s in c.data.spacing),
+      'data.spacing',
+      c.data.spacing,
+      '() or three positive numbers (one per axis)',
+    )
+  _int_at_least(c, 'data.cache_chunk', 8)
+  _require(
+    bool(c.data.path) or bool(c.data.phantom_shape),
+    'data.path',
+    c.data.path,
+    'a volume path (set --config.data.path=/path/to/volume)',
+  )
+
+  w = _int_at_least(c, 'patches.patch_size', 1)
+  _require(w % 2 == 1, 'patches.patch_size', w, 'an odd number (a patch needs a centre voxel)')
+  n_s = _int_at_least(c, 'patches.num_patches', 2)
+
+  m = c.model
+  _require(
+    len(m.conv_features) == 3 and all(isinstance(f, int) and f >= 1 for f in m.conv_features),
+    'model.conv_features',
+    m.conv_features,
+    'three positive integers',
+  )
+  k = _int_at_least(c, 'model.kernel_size', 1)
+  p = _int_at_least(c, 'model.pool_size', 1)
+  out = conv_output_size(w, k, p)
+  _require(
+    out >= 1,
+    'patches.patch_size',
+    w,
+    f'a patch large enough for kernel {k} and pool {p} (the last conv output would be {out} voxels)',
+  )
+  _int_at_least(c, 'model.hidden_dim', 1)
+  _int_at_least(c, 'model.embed_dim', 1)
+  _require(
+    m.conv_impl in ('auto', 'xla', 'im2col'),
+    'model.conv_impl',
+    m.conv_impl,
+    "'auto', 'xla' or 'im2col'",
+  )
+  _require(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, "'float32' or 'bfloat16'")
+
+  cl = c.cluster
+  num_c = _int_at_least(c, 'cluster.num_clusters', 1)
+  _require(
+    num_c < n_s,
+    'cluster.num_clusters',
+    num_c,
+    f'fewer clusters than training patches (patches.num_patches = {n_s})',
+  )
+  k_s = _int_at_least(c, 'cluster.k_s', 1)
+  _require(k_s < n_s, 'cluster.k_s', k_s, f'fewer neighbours than patches ({n_s})')
+  _int_at_least(c, 'cluster.k_c', 2)
+  _require(cl.a > 0, 'cluster.a', cl.a, 'a positive number')
+  _require(cl.lam >= 0, 'cluster.lam', cl.lam, 'a number >= 0')
+  _require(
+    0 < cl.unfolding_rate <= 1, 'cluster.unfolding_rate', cl.unfolding_rate, 'a number in (0, 1]'
+  )
+
+  t = c.train
+  _int_at_least(c, 'train.epochs_per_period', 1)
+  _int_at_least(c, 'train.batch_size', 2)
+  _int_at_least(c, 'train.num_neg', 1)
+  _int_at_least(c, 'train.keep_checkpoints', 1)
+  _require(t.learning_rate > 0, 'train.learning_rate', t.learning_rate, 'a positive number')
+  _require(0 <= t.momentum < 1, 'train.momentum', t.momentum, 'a number in [0, 1)')
+  _require(t.weight_decay >= 0, 'train.weight_decay', t.weight_decay, 'a number >= 0')
+  _require(t.margin >= 0, 'train.margin', t.margin, 'a number >= 0')
+
+  s = c.segment
+  stride = _int_at_least(c, 'segment.stride', 1)
+  _require(
+    stride <= w,
+    'segment.stride',
+    stride,
+    f'at most the patch size ({w}), or grid patches would leave gaps',
+  )
+  _int_at_least(c, 'segment.num_segments', 2)
+  _require(
+    s.num_segments <= 255, 'segment.num_segments', s.num_segments, 'at most 255 (uint8 labels)'
+  )
+  _int_at_least(c, 'segment.kmeans_restarts', 1)
+  _int_at_least(c, 'segment.kmeans_max_fit', 2)
+  _int_at_least(c, 'segment.batch_size', 1)

@@ -1,0 +1,124 @@
+"""What launch.py calls: resolve the inputs once, then train -> segment -> evaluate.
+
+Workdir layout:
+  phantom/             the built-in phantom, when the config asks for it instead of a data.path
+  cache/               non-chunked inputs converted once to chunked zarr
+  checkpoints/         orbax checkpoints of phase 1 (see jule3d/checkpoint.py)
+  train_history.json   one entry per JULE period
+  segmentation.zarr    uint8 labels, input shape and spacing; segmentation.nii.gz beside it
+  report.json, report.md, figures/
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+from absl import logging
+
+from jule3d import checks, volume
+from jule3d.errors import UserError
+
+MODES = ('all', 'train', 'segment', 'evaluate')
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """The resolved run: the config with the data paths filled in, the opened volumes."""
+
+  config: ml_collections.ConfigDict
+  image: volume.Volume
+  labels: volume.Volume | None
+
+
+def resolve_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
+  """Validates the config, generates the phantom if asked, opens and checks the volumes.
+
+  Args:
+    config: the run config.
+    workdir: the run's directory (created if needed).
+
+  Returns:
+    Inputs with config.data.path (and labels) resolved.
+
+  Raises:
+    UserError: any bad field or input, before expensive work.
+  """
+  checks.validate_config(config)
+  config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
+  _make_workdir(workdir)
+  if not config.data.path:
+    from jule3d import phantom
+
+    paths = phantom.write_phantom(
+      os.path.join(workdir, 'phantom'),
+      tuple(config.data.phantom_shape),
+      config.data.phantom_seed,
+      spacing=tuple(config.data.spacing) or (1.0, 1.0, 1.0),
+    )
+    config.data.path = paths['image']
+    if not config.data.labels:
+      config.data.labels = paths['labels']
+  cache = os.path.join(workdir, 'cache')
+  d = config.data
+  image = volume.open_volume(
+    d.path, cache_dir=cache, spacing=tuple(d.spacing), chunk=d.cache_chunk, name='data.path'
+  )
+  volume.validate_volume(image, min_size=config.patches.patch_size)
+  if d.expected_shape and tuple(d.expected_shape) != image.shape:
+    logging.warning(
+      "volume shape %s differs from this config's paper volume %s: fine for your own data, "
+      'but check the threshold (%s) suits it.',
+      image.shape,
+      tuple(d.expected_shape),
+      d.threshold,
+    )
+  labels = None
+  if d.labels:
+    labels = volume.open_volume(d.labels, cache_dir=cache, chunk=d.cache_chunk, name='data.labels')
+    if labels.shape != image.shape:
+      raise UserError(
+        f'config.data.labels {d.labels!r} has shape {labels.shape}, but the image has shape '
+        f'{image.shape}: the label volume must match the image voxel for voxel.'
+      )
+  logging.info(
+    'volume %s: shape %s, %s, spacing %s', d.path, image.shape, image.dtype, image.spacing
+  )
+  return Inputs(config=config, image=image, labels=labels)
+
+
+def _make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'--workdir {workdir!r} cannot be created: {e.strerror}.') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f'--workdir {workdir!r} is not writable: choose a directory you can write to.')
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, mode: str = 'all', overwrite: bool = False
+):
+  """Runs one mode of the pipeline.
+
+  Args:
+    config: the run config.
+    workdir: the run's directory.
+    mode: 'all' (train -> segment -> evaluate when labels are configured), 'train', 'segment' or
+      'evaluate'.
+    overwrite: replace existing outputs instead of refusing.
+  """
+  if mode not in MODES:
+    raise UserError(f'--mode={mode!r}: expected one of {", ".join(MODES)}.')
+  inputs = resolve_inputs(config, workdir)
+  if mode in ('all', 'train'):
+    from jule3d import train
+
+    train.train(inputs, workdir, overwrite=overwrite)
+  if mode in ('all', 'segment'):
+    _not_yet('segment')
+  if mode == 'evaluate' or (mode == 'all' and inputs.labels is not None):
+    _not_yet('evaluate')
+
+
+def _not_yet(mode: str) -> None:
+  raise UserError(f'--mode={mode} is not implemented yet in this version of jule3d.')
