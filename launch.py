@@ -41,6 +41,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
+class _QuietLibraries(logging.Filter):
+  # orbax logs every save step at INFO; keep our progress lines readable.
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -48,6 +54,8 @@ def main(argv: list[str]) -> None:
   from jule3d.errors import UserError
 
   logging.getLogger('absl').setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, overwrite=FLAGS.overwrite)
   except UserError as e:

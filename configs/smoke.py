@@ -22,9 +22,11 @@ def get_config():
   c.model.embed_dim = 8
   c.cluster.num_clusters = 6
   c.cluster.k_s = 5
+  c.cluster.unfolding_rate = 0.6  # several periods, so resume-after-kill is exercised.
   c.train.epochs_per_period = 1
   c.train.batch_size = 40
   c.train.num_neg = 5
+  c.train.gamma = 1.0  # with gamma = 2 this tiny CNN collapses (loss pinned at the margin).
   c.segment.stride = 6
   c.segment.kmeans_restarts = 2
   c.segment.batch_size = 64

@@ -9,13 +9,16 @@ Workdir layout:
   report.json, report.md, figures/
 """
 
+import contextlib
 import dataclasses
+import json
 import os
+import time
 
 import ml_collections
 from absl import logging
 
-from jule3d import checks, volume
+from jule3d import checks, files, volume
 from jule3d.errors import UserError
 
 MODES = ('all', 'train', 'segment', 'evaluate')
@@ -113,12 +116,33 @@ def run(
   if mode in ('all', 'train'):
     from jule3d import train
 
-    train.train(inputs, workdir, overwrite=overwrite)
+    with _timed(workdir, 'train'):
+      train.train(inputs, workdir, overwrite=overwrite)
   if mode in ('all', 'segment'):
-    _not_yet('segment')
+    from jule3d import segment
+
+    with _timed(workdir, 'segment'):
+      segment.segment(inputs, workdir, overwrite=overwrite or mode == 'all')
   if mode == 'evaluate' or (mode == 'all' and inputs.labels is not None):
-    _not_yet('evaluate')
+    from jule3d import evaluate
+
+    report = evaluate.evaluate(inputs, workdir, overwrite=overwrite)
+    logging.info('report: %s', os.path.join(workdir, 'report.md'))
+    return report
+  return None
 
 
-def _not_yet(mode: str) -> None:
-  raise UserError(f'--mode={mode} is not implemented yet in this version of jule3d.')
+TIMINGS = 'timings.json'
+
+
+@contextlib.contextmanager
+def _timed(workdir: str, key: str):
+  t0 = time.time()
+  yield
+  path = os.path.join(workdir, TIMINGS)
+  timings = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      timings = json.load(f)
+  timings[key] = round(time.time() - t0, 3)
+  files.write_json_atomic(path, timings)

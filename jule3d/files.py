@@ -1,0 +1,37 @@
+"""Small atomic file writers: a result on disk is either the old one or the new one, never half."""
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to a temporary file beside `path`, fsyncs it, then renames it over `path`.
+
+  Args:
+    path: final file path.
+    text: the content.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """JSON version of write_text_atomic (indented, keys in insertion order).
+
+  Args:
+    path: final file path.
+    obj: JSON-serialisable object.
+  """
+  write_text_atomic(path, json.dumps(obj, indent=2) + '\n')

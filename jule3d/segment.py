@@ -1,0 +1,232 @@
+"""Phase 2 (SPEC 5): grid patches -> CNN features (restored checkpoint) -> k-means -> s^3 blocks.
+
+The model, its normalisation statistics and its patch size come from the checkpoint, so a model
+trained on one volume segments another (`config.segment.checkpoint` = that run's workdir). Patches
+stream from the volume slab by slab and the label volume is written slab by slab, so neither the
+volume nor the label volume is ever whole in memory; the grid features are (M x embed_dim floats).
+"""
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from sklearn.cluster import KMeans
+
+from jule3d import checkpoint, model, objective, patches, volume
+from jule3d.errors import UserError
+
+SEGMENTATION = 'segmentation.zarr'
+SEGMENTATION_NIFTI = 'segmentation.nii.gz'
+FEATURES = 'features.npz'
+# Fields that must agree between the config and the checkpoint's config for features to mean the
+# same thing.
+_MODEL_FIELDS = ('conv_features', 'kernel_size', 'pool_size', 'hidden_dim', 'embed_dim')
+
+
+def load_model(config, workdir: str):
+  """Restores the trained CNN for feature extraction.
+
+  Args:
+    config: the run config (config.segment.checkpoint may name another run).
+    workdir: this run's workdir (used when config.segment.checkpoint is empty).
+
+  Returns:
+    (net, variables, meta) where meta holds 'mean', 'std' and the training config.
+
+  Raises:
+    UserError: no checkpoint, or one trained with different model/patch settings.
+  """
+  source = config.segment.checkpoint or workdir
+  mgr, step, meta = checkpoint.open_for_inference(source)
+  trained = meta['config']
+  mismatches = [
+    (f'model.{f}', trained['model'][f], config.model[f])
+    for f in _MODEL_FIELDS
+    if _norm(trained['model'][f]) != _norm(config.model[f])
+  ]
+  if trained['patches']['patch_size'] != config.patches.patch_size:
+    mismatches.insert(
+      0, ('patches.patch_size', trained['patches']['patch_size'], config.patches.patch_size)
+    )
+  if mismatches:
+    field, was, now = mismatches[0]
+    raise UserError(
+      f'the checkpoint in {source!r} was trained with config.{field} = {was!r}, but this config has '
+      f'{now!r}: use the config it was trained with (or --config.{field}={was!r}).'
+    )
+  net = model.build_model(config.model)
+  tx = objective.make_optimizer(config.train)
+  like = objective.create_train_state(net, tx, jax.random.PRNGKey(0), config.patches.patch_size)
+  state, _, meta = checkpoint.restore(mgr, step, like, int(trained['patches']['num_patches']))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logging.info('restored checkpoint %d from %s', step, checkpoint.checkpoint_dir(source))
+  return net, variables, meta
+
+
+def _norm(v):
+  return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def grid_features(
+  image,
+  centres: np.ndarray,
+  patch_size: int,
+  embed_fn,
+  variables,
+  mean: float,
+  std: float,
+  batch_size: int,
+) -> np.ndarray:
+  """CNN features at every grid centre, streamed: read a slab of patches, embed, keep the features.
+
+  Args:
+    image: the Volume.
+    centres: [M, 3] grid centres.
+    patch_size: w.
+    embed_fn: model.make_embed_fn(net).
+    variables: restored {'params', 'batch_stats'}.
+    mean: normalisation mean stored with the model.
+    std: normalisation std stored with the model.
+    batch_size: patches per CNN call (fixed: one compile; the last batch is padded).
+
+  Returns:
+    [M, embed_dim] float32.
+  """
+  feats = None
+  for idx, raw in patches.iter_patches(image, centres, patch_size):
+    x = (raw.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    for i in range(0, len(x), batch_size):
+      batch = x[i : i + batch_size]
+      n = len(batch)
+      if n < batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], np.float32)])
+      out = np.asarray(embed_fn(variables, jnp.asarray(batch)))[:n]
+      if feats is None:
+        feats = np.empty((len(centres), out.shape[1]), np.float32)
+      feats[idx[i : i + n]] = out
+  return feats
+
+
+def kmeans_labels(
+  features: np.ndarray, k: int, seed: int, restarts: int, max_fit: int
+) -> np.ndarray:
+  """k-means (k-means++, several restarts) on at most max_fit seeded samples; predicts all in chunks.
+
+  Args:
+    features: [M, D].
+    k: clusters K.
+    seed: seed.
+    restarts: n_init.
+    max_fit: subsample size for fitting.
+
+  Returns:
+    [M] uint8 labels in 1..K.
+  """
+  rng = np.random.default_rng([seed, 2])
+  fit = (
+    features
+    if len(features) <= max_fit
+    else features[np.sort(rng.choice(len(features), max_fit, replace=False))]
+  )
+  km = KMeans(n_clusters=k, n_init=restarts, random_state=seed).fit(fit)
+  out = np.empty(len(features), np.uint8)
+  for i in range(0, len(features), 65536):
+    out[i : i + 65536] = km.predict(features[i : i + 65536]) + 1
+  return out
+
+
+def paint_slab(
+  z0: int, z1: int, shape, centres: np.ndarray, labels: np.ndarray, stride: int
+) -> np.ndarray:
+  """The label slab [z0, z1) of the output: each centre's label fills its s^3 block (SPEC 5).
+
+  Args:
+    z0: first plane.
+    z1: end plane.
+    shape: volume shape.
+    centres: [M, 3] grid centres sorted by axis 0.
+    labels: [M] labels 1..K.
+    stride: s (block edge).
+
+  Returns:
+    uint8 [z1 - z0, Y, X]; uncovered voxels 0.
+  """
+  out = np.zeros((z1 - z0,) + tuple(shape[1:]), np.uint8)
+  lo_off = stride // 2
+  starts = centres[:, 0] - lo_off
+  sel = slice(*np.searchsorted(starts, [z0 - stride + 1, z1]))
+  for (cz, cy, cx), lab in zip(centres[sel], labels[sel], strict=True):
+    a, b = max(cz - lo_off, z0), min(cz - lo_off + stride, z1)
+    out[
+      a - z0 : b - z0,
+      max(cy - lo_off, 0) : cy - lo_off + stride,
+      max(cx - lo_off, 0) : cx - lo_off + stride,
+    ] = lab
+  return out
+
+
+def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
+  """Runs phase 2 and writes segmentation.zarr and segmentation.nii.gz into the workdir.
+
+  Args:
+    inputs: pipeline.Inputs.
+    workdir: run directory.
+    overwrite: replace existing outputs.
+
+  Returns:
+    Summary dict (grid size, seconds per stage).
+  """
+  c = inputs.config
+  out_zarr = os.path.join(workdir, SEGMENTATION)
+  out_nii = os.path.join(workdir, SEGMENTATION_NIFTI)
+  for path in (out_zarr, out_nii):
+    if os.path.exists(path) and not overwrite:
+      raise UserError(f'{path!r} already exists: pass --overwrite to replace it.')
+  net, variables, meta = load_model(c, workdir)
+  w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
+  t0 = time.time()
+  centres = patches.grid_centres(inputs.image, w, s, c.data.threshold, c.data.foreground)
+  if len(centres) < k:
+    raise UserError(
+      f'only {len(centres)} grid patches (stride {s}) have a foreground centre, fewer than '
+      f'config.segment.num_segments = {k}: lower the stride or K, or check the threshold.'
+    )
+  logging.info('segmenting %d grid patches (stride %d, %d^3)', len(centres), s, w)
+  feats = grid_features(
+    inputs.image,
+    centres,
+    w,
+    model.make_embed_fn(net),
+    variables,
+    meta['mean'],
+    meta['std'],
+    c.segment.batch_size,
+  )
+  t_feat = time.time() - t0
+  labels = kmeans_labels(feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
+  t_km = time.time() - t0 - t_feat
+  img = inputs.image
+  with volume.zarr_writer(
+    out_zarr, img.shape, np.uint8, img.spacing, affine=img.affine, chunk=c.data.cache_chunk
+  ) as store:
+    depth = c.data.cache_chunk
+    for z0 in range(0, img.shape[0], depth):
+      z1 = min(z0 + depth, img.shape[0])
+      store[z0:z1].write(paint_slab(z0, z1, img.shape, centres, labels, s)).result()
+  seg = volume.open_volume(out_zarr, name='segmentation')
+  volume.write_nifti(out_nii, seg, img.spacing, img.affine)
+  if c.segment.save_features:
+    tmp = os.path.join(workdir, '.' + FEATURES + '.tmp.npz')
+    np.savez(tmp, centres=centres, features=feats, labels=labels)
+    os.replace(tmp, os.path.join(workdir, FEATURES))
+  summary = {
+    'grid_patches': int(len(centres)),
+    'features_s': round(t_feat, 3),
+    'kmeans_s': round(t_km, 3),
+    'write_s': round(time.time() - t0 - t_feat - t_km, 3),
+  }
+  logging.info('segmentation written to %s and %s: %s', out_zarr, out_nii, summary)
+  return summary

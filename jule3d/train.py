@@ -1,0 +1,375 @@
+"""Phase 1, the recurrent JULE schedule (SPEC 3-4): merge, train, repeat; then one more training period.
+
+Period 0 clusters the L2-normalised raw (normalised) patch voxels, starting from the 1-NN
+components; every later period clusters fresh CNN features (eval-mode BatchNorm). Each period merges
+min(ceil(eta * Nc), Nc - C) times and then trains the CNN `epochs_per_period` epochs on the labels.
+After the period that reaches C clusters, one more training period runs on the final labels
+(Moriya's extension; `merges` = 0 in the history).
+
+Resume precedence (what `--mode=train` does in a workdir):
+  1. checkpoints there with the same phase-1 config fingerprint: resume from the latest one (a
+     finished run is left as it is);
+  2. checkpoints from a different config: refuse, unless --overwrite, which deletes them first;
+  3. no checkpoint: start from scratch.
+The training patches are re-read from their saved centres (cheap), so a checkpoint does not hold
+them.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from sklearn.metrics import normalized_mutual_info_score
+
+from jule3d import checkpoint, files, graph, model, objective, patches
+from jule3d.errors import UserError
+
+HISTORY_FILE = 'train_history.json'
+
+
+@dataclasses.dataclass
+class TrainingData:
+  """The n_s training patches on the device, with what is needed to reproduce them."""
+
+  centres: np.ndarray  # [n_s, 3] int32
+  patches: jax.Array  # [n_s, w, w, w] float32, normalised
+  mean: float
+  std: float
+  truth: np.ndarray | None  # reference label at each centre (0 = not annotated), if configured
+
+
+def load_training_data(inputs, centres: np.ndarray | None = None) -> TrainingData:
+  """Samples (or re-reads) the training patches and normalises them with their own statistics.
+
+  Args:
+    inputs: pipeline.Inputs.
+    centres: saved centres to re-read; None samples them from the config seed.
+
+  Returns:
+    TrainingData.
+  """
+  c = inputs.config
+  w = c.patches.patch_size
+  if centres is None:
+    centres = patches.sample_centres(
+      inputs.image, c.patches.num_patches, w, c.data.threshold, c.data.foreground, c.seed
+    )
+  raw = patches.read_patches(inputs.image, centres, w)
+  mean, std = patches.patch_stats(raw)
+  normalised = normalise(raw, mean, std)
+  del raw
+  truth = None
+  if inputs.labels is not None:
+    truth = np.asarray(
+      inputs.labels.store.vindex[centres[:, 0], centres[:, 1], centres[:, 2]].read().result()
+    ).astype(np.int64)
+  return TrainingData(centres=centres, patches=normalised, mean=mean, std=std, truth=truth)
+
+
+def normalise(raw: np.ndarray, mean: float, std: float, chunk: int = 1024) -> jax.Array:
+  """(raw - mean) / std as float32 on the default device, converted in chunks (bounded host memory).
+
+  Args:
+    raw: [N, ...] patches in the volume's dtype.
+    mean: normalisation mean.
+    std: normalisation std.
+    chunk: patches converted at once.
+
+  Returns:
+    Device array [N, ...] float32.
+  """
+  parts = [
+    jnp.asarray((raw[i : i + chunk].astype(np.float32) - np.float32(mean)) / np.float32(std))
+    for i in range(0, len(raw), chunk)
+  ]
+  return jnp.concatenate(parts) if parts else jnp.zeros((0,) + raw.shape[1:], jnp.float32)
+
+
+def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> np.ndarray:
+  """CNN features of every patch in `data`, in fixed-size batches (one compile; last batch padded).
+
+  Args:
+    embed_fn: model.make_embed_fn(model).
+    variables: {'params', 'batch_stats'}.
+    data: [N, w, w, w] normalised patches (device or host).
+    batch_size: patches per call.
+
+  Returns:
+    [N, embed_dim] float32 numpy array.
+  """
+  n = data.shape[0]
+  out = []
+  for i in range(0, n, batch_size):
+    batch = data[i : i + batch_size]
+    short = batch_size - batch.shape[0]
+    if short:
+      batch = jnp.concatenate([batch, jnp.zeros((short,) + batch.shape[1:], batch.dtype)])
+    out.append(embed_fn(variables, batch)[: batch_size - short])
+  return np.asarray(jnp.concatenate(out))
+
+
+@jax.jit
+def raw_features(data: jax.Array) -> jax.Array:
+  """Period-0 features: each normalised patch flattened and L2-normalised (SPEC 3).
+
+  Args:
+    data: [N, w, w, w] normalised patches.
+
+  Returns:
+    [N, w^3] float32.
+  """
+  x = data.reshape(data.shape[0], -1)
+  return x / (jnp.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+
+
+def patch_nmi(truth: np.ndarray | None, labels: np.ndarray) -> float | None:
+  """NMI (geometric) of cluster labels against the reference at annotated training centres.
+
+  Args:
+    truth: reference label per patch (0 = not annotated) or None.
+    labels: cluster label per patch.
+
+  Returns:
+    The NMI, or None when there is no reference (or fewer than 2 annotated patches).
+  """
+  if truth is None:
+    return None
+  keep = truth > 0
+  if keep.sum() < 2:
+    return None
+  return float(normalized_mutual_info_score(truth[keep], labels[keep], average_method='geometric'))
+
+
+def _cluster_kwargs(c) -> dict[str, Any]:
+  cl = c.cluster
+  return dict(k_s=cl.k_s, k_c=cl.k_c, a=cl.a, lam=cl.lam)
+
+
+def make_epoch_step(net, tx, train_cfg):
+  """Jitted step that gathers the batch on the device from the resident patches (no host copy).
+
+  Args:
+    net: the JuleCNN.
+    tx: the optimiser.
+    train_cfg: config.train.
+
+  Returns:
+    fn(state, all_patches, all_labels, idx[B], valid[B]) -> (state, metrics).
+  """
+  step = objective.make_train_step(net, tx, train_cfg)
+
+  @jax.jit
+  def gather(all_patches, all_labels, idx, valid):
+    return {'patches': all_patches[idx], 'labels': all_labels[idx], 'valid': valid}
+
+  def fn(state, all_patches, all_labels, idx, valid):
+    return step(state, gather(all_patches, all_labels, idx, valid))
+
+  return fn
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, period: int, epoch: int):
+  """A fresh seeded permutation split into batches; the last one padded (valid mask).
+
+  Args:
+    n: number of samples.
+    batch_size: B.
+    seed: run seed.
+    period: period index.
+    epoch: epoch index within the period.
+
+  Returns:
+    (idx [num_batches, B] int32, valid [num_batches, B] bool).
+  """
+  perm = np.random.default_rng([seed, 1, period, epoch]).permutation(n).astype(np.int32)
+  num = math.ceil(n / batch_size)
+  idx = np.zeros(num * batch_size, np.int32)
+  idx[:n] = perm
+  valid = np.zeros(num * batch_size, bool)
+  valid[:n] = True
+  return idx.reshape(num, batch_size), valid.reshape(num, batch_size)
+
+
+def _check_finite(losses: np.ndarray, period: int, first_step: int) -> None:
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    raise UserError(
+      f'training diverged: non-finite loss in period {period} at step {first_step + int(bad[0])}; '
+      'the last good checkpoint is kept. Lower config.train.learning_rate or check the input '
+      '(constant or extreme intensities).'
+    )
+
+
+def _prepare_workdir(mgr, workdir: str, fp: str, overwrite: bool, keep: int):
+  found = checkpoint.latest_meta(mgr)
+  if found is None:
+    return mgr, None
+  step, meta = found
+  if meta.get('fingerprint') == fp:
+    return mgr, (step, meta)
+  if not overwrite:
+    raise UserError(
+      f'{workdir!r} holds checkpoints of a different config (fingerprint {meta.get("fingerprint")}, '
+      f'this config {fp}): use another --workdir, or --overwrite to delete them and start over.'
+    )
+  logging.warning('--overwrite: deleting checkpoints of another config in %s', workdir)
+  shutil.rmtree(checkpoint.checkpoint_dir(workdir))
+  return checkpoint.manager(workdir, keep=keep), None
+
+
+def train(inputs, workdir: str, overwrite: bool = False) -> dict:
+  """Runs (or resumes) phase 1 and returns the training history.
+
+  Args:
+    inputs: pipeline.Inputs.
+    workdir: run directory (checkpoints/, train_history.json).
+    overwrite: delete checkpoints of a different config instead of refusing.
+
+  Returns:
+    The history dict written to train_history.json.
+  """
+  c = inputs.config
+  fp = checkpoint.fingerprint(c.to_dict())
+  keep = c.train.keep_checkpoints
+  mgr, resume = _prepare_workdir(
+    checkpoint.manager(workdir, keep=keep), workdir, fp, overwrite, keep
+  )
+  if resume is not None and resume[1].get('done'):
+    logging.info('training already complete in %s (checkpoint %d)', workdir, resume[0])
+    return resume[1]['history']
+
+  net = model.build_model(c.model)
+  tx = objective.make_optimizer(c.train)
+  state = objective.create_train_state(net, tx, jax.random.PRNGKey(c.seed), c.patches.patch_size)
+  embed_fn = model.make_embed_fn(net)
+  n_s = c.patches.num_patches
+
+  if resume is None:
+    t0 = time.time()
+    data = load_training_data(inputs)
+    logging.info(
+      'sampled %d patches of %d^3 in %.1fs (mean %.4g, std %.4g)',
+      n_s,
+      c.patches.patch_size,
+      time.time() - t0,
+      data.mean,
+      data.std,
+    )
+    labels = None
+    period = 0
+    history = {'periods': [], 'nmi_patches_raw': None}
+    if data.truth is not None:
+      raw_labels = graph.agglomerate(
+        raw_features(data.patches), c.cluster.num_clusters, **_cluster_kwargs(c)
+      )
+      history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
+      logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
+  else:
+    step, meta = resume
+    state, saved, meta = checkpoint.restore(mgr, step, state, n_s)
+    data = load_training_data(inputs, centres=saved['centres'])
+    labels = saved['labels']
+    period = int(meta['period'])
+    history = meta['history']
+    logging.info(
+      'resuming from checkpoint %d: period %d, %d clusters', step, period, labels.max() + 1
+    )
+
+  epoch_step = make_epoch_step(net, tx, c.train)
+  target = c.cluster.num_clusters
+  while True:
+    t0 = time.time()
+    start = None if labels is None else int(labels.max()) + 1
+    if start is not None and start <= target:
+      merges = 0  # the extra period on the final labels
+    else:
+      if period == 0:
+        feats = raw_features(data.patches)
+      else:
+        feats = extract_features(
+          embed_fn,
+          {'params': state.params, 'batch_stats': state.batch_stats},
+          data.patches,
+          c.segment.batch_size,
+        )
+      new, start = graph.cluster_period(
+        feats,
+        labels,
+        num_target=target,
+        unfolding_rate=c.cluster.unfolding_rate,
+        with_start=True,
+        **_cluster_kwargs(c),
+      )
+      merges = start - (int(new.max()) + 1)
+      labels = new
+    num_clusters = int(labels.max()) + 1
+    labels_dev = jnp.asarray(labels, jnp.int32)
+    losses = []
+    for epoch in range(c.train.epochs_per_period):
+      te = time.time()
+      idx, valid = epoch_batches(n_s, c.train.batch_size, c.seed, period, epoch)
+      epoch_losses = []
+      for b in range(idx.shape[0]):
+        state, metrics = epoch_step(state, data.patches, labels_dev, idx[b], valid[b])
+        epoch_losses.append(metrics['loss'])
+      epoch_losses = np.asarray(jnp.stack(epoch_losses))
+      _check_finite(epoch_losses, period, int(state.step) - len(epoch_losses))
+      losses.append(epoch_losses)
+      logging.info(
+        'period %d epoch %d/%d: %d clusters, loss %.4f, lr %.5f, %.1fs',
+        period,
+        epoch + 1,
+        c.train.epochs_per_period,
+        num_clusters,
+        epoch_losses.mean(),
+        float(metrics['lr']),
+        time.time() - te,
+      )
+    entry = {
+      'period': period,
+      'clusters_start': start,
+      'clusters_end': num_clusters,
+      'merges': merges,
+      'epochs': c.train.epochs_per_period,
+      'loss_mean': float(np.concatenate(losses).mean()),
+      'seconds': round(time.time() - t0, 3),
+      'nmi_patches': patch_nmi(data.truth, labels),
+    }
+    history['periods'].append(entry)
+    done = num_clusters <= target and (merges == 0 or not c.train.final_period)
+    period += 1
+    meta = {
+      'period': period,
+      'done': done,
+      'num_clusters': num_clusters,
+      'mean': data.mean,
+      'std': data.std,
+      'seed': c.seed,
+      'fingerprint': fp,
+      'config': json.loads(c.to_json_best_effort()),
+      'history': history,
+    }
+    checkpoint.save(
+      mgr, period, state, {'labels': labels.astype(np.int32), 'centres': data.centres}, meta
+    )
+    files.write_json_atomic(os.path.join(workdir, HISTORY_FILE), history)
+    logging.info(
+      'period %d done: %d -> %d clusters (%d merges), loss %.4f, NMI %s, %.1fs',
+      entry['period'],
+      start,
+      num_clusters,
+      merges,
+      entry['loss_mean'],
+      entry['nmi_patches'],
+      entry['seconds'],
+    )
+    if done:
+      return history

@@ -1,0 +1,100 @@
+"""Phase 2: projection geometry, checkpoint restore (also another run's), outputs."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from jule3d import segment, volume
+
+
+@pytest.mark.parametrize('stride', [1, 2, 4, 5])
+def test_paint_covers_each_block_with_its_label(stride):
+  shape = (23, 19, 21)
+  rng = np.random.default_rng(stride)
+  h = 4
+  axes = [np.arange(h, n - h, stride) for n in shape]
+  grid = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3)
+  keep = rng.random(len(grid)) < 0.6
+  centres = grid[keep].astype(np.int32)
+  labels = rng.integers(1, 4, len(centres)).astype(np.uint8)
+  want = np.zeros(shape, np.uint8)
+  lo = stride // 2
+  for (z, y, x), lab in zip(centres, labels, strict=True):
+    want[z - lo : z - lo + stride, y - lo : y - lo + stride, x - lo : x - lo + stride] = lab
+  got = np.concatenate(
+    [
+      segment.paint_slab(z0, min(z0 + 6, shape[0]), shape, centres, labels, stride)
+      for z0 in range(0, shape[0], 6)
+    ]
+  )
+  np.testing.assert_array_equal(got, want)
+  # Blocks tile: every covered voxel belongs to exactly one centre's block.
+  assert (got > 0).sum() == len(centres) * stride**3
+
+
+def test_outputs_keep_shape_spacing_and_affine(smoke_run):
+  img = volume.open_volume(os.path.join(smoke_run, 'phantom', 'image.zarr'))
+  seg = volume.open_volume(os.path.join(smoke_run, segment.SEGMENTATION))
+  assert seg.shape == img.shape and seg.dtype == np.uint8
+  np.testing.assert_allclose(seg.spacing, img.spacing)
+  labels = seg.read((0, 0, 0), seg.shape)
+  assert set(np.unique(labels)) <= {0, 1, 2, 3} and len(np.unique(labels)) == 4
+  nii = nib.load(os.path.join(smoke_run, segment.SEGMENTATION_NIFTI))
+  np.testing.assert_array_equal(np.asarray(nii.dataobj), labels)
+  np.testing.assert_allclose(nii.header.get_zooms()[:3], img.spacing, rtol=1e-6)
+
+
+def test_existing_output_is_refused_without_overwrite(smoke_run):
+  proc = run_cli('--config=configs/smoke.py', f'--workdir={smoke_run}', '--mode=segment')
+  assert proc.returncode == 2 and 'already exists' in proc.stderr and '--overwrite' in proc.stderr
+
+
+def test_segment_another_volume_with_this_runs_checkpoint(smoke_run, tmp_path):
+  # A NIfTI with its own affine, segmented by the smoke run's model.
+  rng = np.random.default_rng(0)
+  arr = rng.integers(1000, 5000, (30, 28, 26)).astype(np.uint16)
+  affine = np.diag([0.5, 0.6, 0.7, 1.0])
+  affine[:3, 3] = [10, -5, 3]
+  path = str(tmp_path / 'other scan.nii.gz')
+  nib.save(nib.Nifti1Image(arr, affine), path)
+  work = str(tmp_path / 'other')
+  run_cli(
+    '--config=configs/smoke.py',
+    f'--workdir={work}',
+    '--mode=segment',
+    f'--config.data.path={path}',
+    f'--config.segment.checkpoint={smoke_run}',
+    '--config.data.labels=',
+    check=True,
+  )
+  nii = nib.load(os.path.join(work, segment.SEGMENTATION_NIFTI))
+  np.testing.assert_allclose(nii.affine, affine)
+  assert nii.shape == arr.shape
+  assert not os.path.exists(os.path.join(work, 'checkpoints'))
+
+
+def test_mismatched_model_names_the_field(smoke_run, tmp_path):
+  proc = run_cli(
+    '--config=configs/smoke.py',
+    f'--workdir={tmp_path}',
+    '--mode=segment',
+    f'--config.segment.checkpoint={smoke_run}',
+    '--config.model.hidden_dim=32',
+  )
+  assert proc.returncode == 2 and 'model.hidden_dim' in proc.stderr
+
+
+def test_no_checkpoint_and_too_many_segments(smoke_run, tmp_path):
+  proc = run_cli('--config=configs/smoke.py', f'--workdir={tmp_path}', '--mode=segment')
+  assert proc.returncode == 2 and 'no checkpoint' in proc.stderr
+  proc = run_cli(
+    '--config=configs/smoke.py',
+    f'--workdir={tmp_path / "k"}',
+    '--mode=segment',
+    f'--config.segment.checkpoint={smoke_run}',
+    '--config.segment.num_segments=200',
+  )
+  assert proc.returncode == 2 and 'grid patches' in proc.stderr, proc.stderr

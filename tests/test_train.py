@@ -1,0 +1,161 @@
+"""Phase 1: the recurrent schedule end to end, checkpoints, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+
+from configs import smoke
+from jule3d import checkpoint, model, objective, train
+from jule3d.errors import UserError
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, train.HISTORY_FILE)) as f:
+    return json.load(f)
+
+
+def _final_labels(workdir):
+  mgr = checkpoint.manager(workdir, read_only=True)
+  c = smoke.get_config()
+  net = model.build_model(c.model)
+  tx = objective.make_optimizer(c.train)
+  like = objective.create_train_state(net, tx, jax.random.PRNGKey(0), c.patches.patch_size)
+  _, data, meta = checkpoint.restore(mgr, mgr.latest_step(), like, c.patches.num_patches)
+  return data['labels'], meta
+
+
+def test_history_ends_at_c_with_the_extra_period(smoke_run):
+  c = smoke.get_config()
+  h = _history(smoke_run)
+  periods = h['periods']
+  assert [p['period'] for p in periods] == list(range(len(periods)))
+  assert len(periods) >= 3  # several merge periods, then the extra one
+  for p in periods:
+    assert set(p) >= {
+      'period',
+      'clusters_start',
+      'clusters_end',
+      'merges',
+      'epochs',
+      'loss_mean',
+      'seconds',
+      'nmi_patches',
+    }
+    assert p['clusters_start'] - p['merges'] == p['clusters_end']
+    assert p['epochs'] == c.train.epochs_per_period
+    assert 0 <= p['nmi_patches'] <= 1
+  for before, after in zip(periods, periods[1:], strict=False):
+    assert after['clusters_start'] == before['clusters_end']
+  assert periods[-2]['clusters_end'] == c.cluster.num_clusters
+  assert periods[-1]['merges'] == 0 and periods[-1]['clusters_end'] == c.cluster.num_clusters
+  assert 0 <= h['nmi_patches_raw'] <= 1
+  # Merges per period follow min(ceil(eta * Nc), Nc - C).
+  for p in periods[:-1]:
+    n = p['clusters_start']
+    want = min(int(np.ceil(c.cluster.unfolding_rate * n - 1e-9)), n - c.cluster.num_clusters)
+    assert p['merges'] == want
+
+
+def test_checkpoint_is_restorable_and_complete(smoke_run):
+  labels, meta = _final_labels(smoke_run)
+  c = smoke.get_config()
+  assert labels.shape == (c.patches.num_patches,)
+  assert labels.max() + 1 == c.cluster.num_clusters
+  assert meta['done'] and meta['std'] > 0
+  assert meta['config']['patches']['patch_size'] == c.patches.patch_size
+  assert meta['fingerprint'] == checkpoint.fingerprint(meta['config'])
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_result(smoke_run, tmp_path):
+  workdir = str(tmp_path / 'killed')
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, 'launch.py'),
+    '--config=configs/smoke.py',
+    f'--workdir={workdir}',
+    '--mode=train',
+  ]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = os.path.join(workdir, 'checkpoints', '1')
+  deadline = time.time() + 300
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(first), 'training ended before the first checkpoint appeared'
+  killed_at = _history(workdir)['periods']
+  assert len(killed_at) < len(_history(smoke_run)['periods']), 'the run finished before the kill'
+  run_cli('--config=configs/smoke.py', f'--workdir={workdir}', '--mode=train', check=True)
+  assert _history(workdir) is not None
+  got, want = _history(workdir), _history(smoke_run)
+  assert [p['clusters_end'] for p in got['periods']] == [p['clusters_end'] for p in want['periods']]
+  np.testing.assert_array_equal(_final_labels(workdir)[0], _final_labels(smoke_run)[0])
+
+
+def test_a_different_config_is_not_resumed(smoke_run):
+  proc = run_cli(
+    '--config=configs/smoke.py',
+    f'--workdir={smoke_run}',
+    '--mode=train',
+    '--config.train.margin=0.5',
+  )
+  assert proc.returncode == 2
+  assert 'different config' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_checkpoint_round_trip(tmp_path):
+  c = smoke.get_config()
+  net = model.build_model(c.model)
+  tx = objective.make_optimizer(c.train)
+  state = objective.create_train_state(net, tx, jax.random.PRNGKey(3), c.patches.patch_size)
+  # Take one real step so the optimiser state is non-trivial.
+  step = objective.make_train_step(net, tx, c.train)
+  w = c.patches.patch_size
+  batch = {
+    'patches': jax.random.normal(jax.random.PRNGKey(0), (8, w, w, w)),
+    'labels': jnp.array([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32),
+    'valid': jnp.ones(8, bool),
+  }
+  state, _ = step(state, batch)
+  mgr = checkpoint.manager(str(tmp_path), keep=2)
+  data = {
+    'labels': np.arange(20, dtype=np.int32) % 3,
+    'centres': np.arange(60, dtype=np.int32).reshape(20, 3),
+  }
+  checkpoint.save(mgr, 1, state, data, {'period': 1, 'mean': 1.5})
+  like = objective.create_train_state(net, tx, jax.random.PRNGKey(9), w)
+  restored, rdata, meta = checkpoint.restore(mgr, 1, like, 20)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for k in data:
+    np.testing.assert_array_equal(rdata[k], data[k])
+  assert meta == {'period': 1, 'mean': 1.5}
+  for s in (2, 3, 4):
+    checkpoint.save(mgr, s, state, data, {'period': s})
+  assert mgr.all_steps() == [3, 4]  # pruned to keep_checkpoints
+
+
+def test_epoch_batches_cover_every_sample_once():
+  idx, valid = train.epoch_batches(23, 5, seed=0, period=1, epoch=2)
+  assert idx.shape == valid.shape == (5, 5)
+  assert sorted(idx[valid].tolist()) == list(range(23))
+  again, _ = train.epoch_batches(23, 5, seed=0, period=1, epoch=2)
+  other, _ = train.epoch_batches(23, 5, seed=0, period=1, epoch=3)
+  np.testing.assert_array_equal(idx, again)
+  assert not np.array_equal(idx, other)
+
+
+def test_non_finite_loss_names_period_and_step():
+  with pytest.raises(UserError, match='period 3 at step 12'):
+    train._check_finite(np.array([0.5, 0.4, np.nan]), period=3, first_step=10)
+  train._check_finite(np.array([0.5, 0.4]), period=0, first_step=0)
