@@ -35,6 +35,14 @@ test: lint
 demo: venv
 	$(PY) launch.py --config=configs/demo.py --workdir=$(WORKDIR)
 
+MNI_STAMP := $(VENV)/.mni152-installed
+$(MNI_STAMP): requirements-mni152.txt $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-mni152.txt
+	@touch $(MNI_STAMP)
+
+mni152: $(MNI_STAMP)
+	$(PY) launch.py --config=configs/mni152.py --workdir=runs/mni152 $(ARGS)
+
 bench: venv
 	$(PY) bench/run_all.py
 

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.data.spacing = ()  # Voxel spacing override (per array axis); () = read from the file (else 1.0).
   c.data.cache_chunk = 64  # Edge of the zarr chunks used when converting non-chunked inputs.
+  c.data.builtin = ''  # With no data.path: 'mni152' = the MNI152 T1 template shipped by nilearn.
   c.data.phantom_shape = ()  # With no data.path: generate the built-in phantom of this shape.
   c.data.phantom_seed = 0  # Seed of that phantom (its labels become data.labels).
   c.data.expected_shape = ()  # Paper configs: the shape of the paper's volume (a mismatch is logged).
@@ -108,6 +109,7 @@ def cpu_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.conv_features = (16, 16, 16)
   c.model.hidden_dim = 256
   c.model.embed_dim = 64
+  c.model.init_std = 0.05  # narrow CNN: see configs/demo.py (0.01 collapses the embedding)
   c.cluster.num_clusters = min(c.cluster.num_clusters, 50)
   c.train.epochs_per_period = 3
   return c

@@ -15,18 +15,19 @@ def get_config():
   """Returns the smoke-test config (the demo, shrunk)."""
   c = demo.get_config()
   c.data.phantom_shape = (40, 36, 44)
-  c.patches.patch_size = 13  # 13 -> 11 -> 5 -> 3 -> 1 with 3^3 kernels.
+  c.patches.patch_size = 15  # 15 -> 13 -> 6 -> 4 -> 2 with 3^3 kernels.
   c.patches.num_patches = 240
-  c.model.conv_features = (4, 4, 4)
-  c.model.hidden_dim = 16
-  c.model.embed_dim = 8
+  # Narrower than this (4 channels, a 1^3 last map) the embedding is degenerate from the start and
+  # collapses to a point after one period: the run then stops at the sigma^2 guard.
+  c.model.conv_features = (8, 8, 8)
+  c.model.hidden_dim = 64
+  c.model.embed_dim = 16
   c.cluster.num_clusters = 6
   c.cluster.k_s = 5
   c.cluster.unfolding_rate = 0.6  # several periods, so resume-after-kill is exercised.
   c.train.epochs_per_period = 1
   c.train.batch_size = 40
   c.train.num_neg = 5
-  c.train.gamma = 1.0  # with gamma = 2 this tiny CNN collapses (loss pinned at the margin).
   c.segment.stride = 6
   c.segment.kmeans_restarts = 2
   c.segment.batch_size = 64

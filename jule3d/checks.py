@@ -66,8 +66,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
       '() or three positive numbers (one per axis)',
     )
   _int_at_least(c, 'data.cache_chunk', 8)
+  _require(c.data.builtin in ('', 'mni152'), 'data.builtin', c.data.builtin, "'' or 'mni152'")
   _require(
-    bool(c.data.path) or bool(c.data.phantom_shape),
+    bool(c.data.path) or bool(c.data.phantom_shape) or c.data.builtin == 'mni152',
     'data.path',
     c.data.path,
     'a volume path (set --config.data.path=/path/to/volume)',

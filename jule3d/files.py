@@ -16,6 +16,10 @@ def write_text_atomic(path: str, text: str) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
   try:
+    # mkstemp creates 0600; results are meant to be read like any other file (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     with os.fdopen(fd, 'w') as f:
       f.write(text)
       f.flush()

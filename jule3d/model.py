@@ -63,17 +63,21 @@ def _columns(x: jax.Array, kernel_size: int) -> jax.Array:
   return cols.reshape(b * out, kernel_size**3 * c)
 
 
-def _col2im(dcols: jax.Array, kernel_size: int) -> jax.Array:
-  """Adjoint of `_columns`: [B, o, o, o, k^3, C] column gradients -> [B, D, H, W, C] input gradient.
+def _col2im(dcols: jax.Array) -> jax.Array:
+  """Adjoint of `_columns`: [B, o, o, o, k, k, k, C] column gradients -> [B, D, H, W, C].
 
-  k^3 shifted in-place slice additions; measured ~2x faster on CPU than the scatter-add that
-  autodiff derives from the gather.
+  Two in-place overlap-add stages: the k^2 (kh, kw) offsets into H and W, then the k kd offsets
+  into D. Measured on CPU (paper conv2, batch 100): as fast as k^3 slice additions (~0.3 s) and
+  ~2x faster than the scatter-add that autodiff derives from the gather, while compiling ~2.5x
+  faster than k^3 additions; variants with pads (XLA materialises every pad) ran 3-5x slower.
   """
-  b, o1, o2, o3, _, c = dcols.shape
-  k = kernel_size
+  b, o1, o2, o3, k, _, _, c = dcols.shape
+  partial = jnp.zeros((b, o1, o2 + k - 1, o3 + k - 1, k, c), dcols.dtype)
+  for kh, kw in np.ndindex(k, k):
+    partial = partial.at[:, :, kh : kh + o2, kw : kw + o3].add(dcols[:, :, :, :, :, kh, kw, :])
   dx = jnp.zeros((b, o1 + k - 1, o2 + k - 1, o3 + k - 1, c), dcols.dtype)
-  for i, (kd, kh, kw) in enumerate(np.ndindex(k, k, k)):
-    dx = dx.at[:, kd : kd + o1, kh : kh + o2, kw : kw + o3, :].add(dcols[:, :, :, :, i, :])
+  for kd in range(k):
+    dx = dx.at[:, kd : kd + o1].add(partial[:, :, :, :, kd])
   return dx
 
 
@@ -99,7 +103,7 @@ def _im2col_conv_bwd(compute_dtype, residuals, dy):
   w = kernel.astype(compute_dtype).reshape(-1, feats)
   dcols = jnp.dot(dy2, w.T, preferred_element_type=jnp.float32)
   # Dead code (and removed by XLA) for the first layer, whose input needs no gradient.
-  dx = _col2im(dcols.reshape(*dy.shape[:-1], k**3, cin), k)
+  dx = _col2im(dcols.reshape(*dy.shape[:-1], k, k, k, cin))
   return dx, dkernel.astype(kernel.dtype)
 
 
@@ -112,8 +116,8 @@ def im2col_conv3d(x: jax.Array, kernel: jax.Array, compute_dtype: Any = jnp.floa
   The gather reads the input through a precomputed flat window index: one fused loop that writes
   each column row once, which measured faster on CPU than stacking k^3 shifted slices (those
   materialise k^3 intermediates) or than `lax.conv_general_dilated_patches` (itself a conv). The
-  backward pass reuses the columns for the kernel gradient and sums shifted slices for the input
-  gradient.
+  backward pass reuses the saved columns for the kernel gradient and overlap-adds the column
+  gradients (`_col2im`) for the input gradient.
 
   Args:
     x: [B, D, H, W, C] float32 input.

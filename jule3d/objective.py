@@ -118,6 +118,7 @@ def neg_slots(batch_size: int, num_neg: int) -> int:
   return max(1, min(num_neg, batch_size - 2))
 
 
+@functools.partial(jax.jit, static_argnames='num_neg')
 def triplets(
   labels: jax.Array, num_neg: int, rng: jax.Array, valid: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -134,7 +135,7 @@ def triplets(
 
   Args:
     labels: [B] int cluster labels.
-    num_neg: negatives per pair cap (static).
+    num_neg: negatives per pair cap (static: jitted once per batch size and num_neg).
     rng: PRNG key.
     valid: optional [B] bool; False marks batch padding, never used in any triplet.
 
@@ -287,7 +288,7 @@ def train_step(
     'loss': loss,
     'num_triplets': jnp.sum(mask, dtype=jnp.int32),
     'lr': lr_schedule(cfg)(state.step),
-    'grad_norm': optax.global_norm(grads),
+    'grad_norm': optax.tree.norm(grads),
   }
   new_state = state.replace(
     params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1

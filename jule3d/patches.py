@@ -85,6 +85,23 @@ def count_foreground_centres(
   return counts
 
 
+def require_centres(total: int, num: int, threshold: float, direction: str) -> None:
+  """Raises UserError when fewer than `num` valid foreground centres exist.
+
+  Args:
+    total: valid foreground centres (count_foreground_centres(...).sum()).
+    num: centres wanted (n_s).
+    threshold: foreground threshold (for the message).
+    direction: 'above' or 'below' (for the message).
+  """
+  if total < num:
+    raise UserError(
+      f'only {total} voxels pass the foreground threshold (config.data.threshold = {threshold}, '
+      f"'{direction}') with a whole patch inside the volume, fewer than "
+      f'config.patches.num_patches = {num}: lower num_patches or change the threshold.'
+    )
+
+
 def sample_centres(
   volume,
   num: int,
@@ -115,12 +132,7 @@ def sample_centres(
   """
   counts = count_foreground_centres(volume, patch_size, threshold, direction, slab_depth)
   total = int(counts.sum())
-  if total < num:
-    raise UserError(
-      f'only {total} voxels pass the foreground threshold (config.data.threshold = {threshold}, '
-      f"'{direction}') with a whole patch inside the volume, fewer than "
-      f'config.patches.num_patches = {num}: lower num_patches or change the threshold.'
-    )
+  require_centres(total, num, threshold, direction)
   ranks = np.sort(np.random.default_rng(seed).choice(total, size=num, replace=False))
   plane_start = np.concatenate([[0], np.cumsum(counts)])
   plane_of_rank = np.searchsorted(plane_start, ranks, side='right') - 1

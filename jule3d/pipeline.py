@@ -13,12 +13,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import ml_collections
 from absl import logging
 
-from jule3d import checks, files, volume
+from jule3d import checks, files, patches, volume
 from jule3d.errors import UserError
 
 MODES = ('all', 'train', 'segment', 'evaluate')
@@ -33,12 +34,15 @@ class Inputs:
   labels: volume.Volume | None
 
 
-def resolve_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
+def resolve_inputs(
+  config: ml_collections.ConfigDict, workdir: str, for_training: bool = False
+) -> Inputs:
   """Validates the config, generates the phantom if asked, opens and checks the volumes.
 
   Args:
     config: the run config.
     workdir: the run's directory (created if needed).
+    for_training: also check that enough foreground centres exist for config.patches.num_patches.
 
   Returns:
     Inputs with config.data.path (and labels) resolved.
@@ -48,15 +52,36 @@ def resolve_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
   """
   checks.validate_config(config)
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
+  existed = os.path.isdir(workdir)
   _make_workdir(workdir)
-  if not config.data.path:
+  try:
+    inputs = _open_inputs(config, workdir)
+    if for_training:
+      _check_enough_centres(inputs)
+    return inputs
+  except UserError:
+    # Bad input leaves no trace: a workdir this call created (holding at most a phantom or a
+    # converted copy of the input) is removed again.
+    if not existed:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
+  if not config.data.path and config.data.builtin == 'mni152':
+    from jule3d import datasets
+
+    paths = datasets.prepare_mni152(os.path.join(workdir, 'mni152'))
+    config.data.path = paths['image']
+    config.data.labels = config.data.labels or paths['labels']
+  elif not config.data.path:
     from jule3d import phantom
 
     paths = phantom.write_phantom(
       os.path.join(workdir, 'phantom'),
       tuple(config.data.phantom_shape),
       config.data.phantom_seed,
-      spacing=tuple(config.data.spacing) or (1.0, 1.0, 1.0),
+      **({'spacing': tuple(config.data.spacing)} if config.data.spacing else {}),
     )
     config.data.path = paths['image']
     if not config.data.labels:
@@ -89,6 +114,16 @@ def resolve_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
   return Inputs(config=config, image=image, labels=labels)
 
 
+def _check_enough_centres(inputs: Inputs) -> None:
+  c = inputs.config
+  counts = patches.count_foreground_centres(
+    inputs.image, c.patches.patch_size, c.data.threshold, c.data.foreground
+  )
+  patches.require_centres(
+    int(counts.sum()), c.patches.num_patches, c.data.threshold, c.data.foreground
+  )
+
+
 def _make_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -112,7 +147,7 @@ def run(
   """
   if mode not in MODES:
     raise UserError(f'--mode={mode!r}: expected one of {", ".join(MODES)}.')
-  inputs = resolve_inputs(config, workdir)
+  inputs = resolve_inputs(config, workdir, for_training=mode in ('all', 'train'))
   if mode in ('all', 'train'):
     from jule3d import train
 

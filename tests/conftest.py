@@ -27,8 +27,7 @@ def run_cli(*args: str, timeout: float = 600, check: bool = False) -> subprocess
 
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory):
-  """A workdir where the smoke config has been trained and segmented (--mode=train, segment)."""
+  """A workdir where `--config=configs/smoke.py --mode=all` (train, segment, evaluate) completed."""
   workdir = str(tmp_path_factory.mktemp('smoke'))
-  run_cli('--config=configs/smoke.py', f'--workdir={workdir}', '--mode=train', check=True)
-  run_cli('--config=configs/smoke.py', f'--workdir={workdir}', '--mode=segment', check=True)
+  run_cli('--config=configs/smoke.py', f'--workdir={workdir}', check=True)
   return workdir

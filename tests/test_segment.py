@@ -98,3 +98,14 @@ def test_no_checkpoint_and_too_many_segments(smoke_run, tmp_path):
     '--config.segment.num_segments=200',
   )
   assert proc.returncode == 2 and 'grid patches' in proc.stderr, proc.stderr
+
+
+def test_mode_all_writes_the_report(smoke_run):
+  import json
+
+  with open(os.path.join(smoke_run, 'report.json')) as f:
+    report = json.load(f)
+  assert set(report['nmi']) >= {'jule3d', 'kmeans_intensity', 'multi_otsu'}
+  assert all(0 <= v <= 1 for v in report['nmi'].values())
+  assert set(report['timing_s']) >= {'train', 'segment', 'evaluate'}
+  assert os.path.exists(os.path.join(smoke_run, 'report.md'))

@@ -1,0 +1,84 @@
+"""What every benchmark shares: machine description and BENCHMARKS.md section replacement."""
+
+import datetime
+import os
+import platform
+import re
+import resource
+import subprocess
+
+BENCHMARKS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'BENCHMARKS.md'
+)
+
+
+def cpu_model() -> str:
+  """CPU model name from lscpu ('unknown' when unavailable).
+
+  Returns:
+    The model string.
+  """
+  try:
+    for line in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines():
+      if line.startswith('Model name:'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process in MiB (Linux ru_maxrss is in KiB).
+
+  Returns:
+    The peak RSS so far.
+  """
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine_line() -> str:
+  """One line: date, cores, CPU, library versions.
+
+  Returns:
+    The line.
+  """
+  import jax
+  import numpy
+
+  return (
+    f'{datetime.date.today().isoformat()}; {os.cpu_count()} cores, {cpu_model()}; '
+    f'jax {jax.__version__}, numpy {numpy.__version__}, backend {jax.default_backend()}'
+  )
+
+
+def replace_section(title: str, body: str, path: str = BENCHMARKS) -> None:
+  """Replaces (or appends) the `## title` section of BENCHMARKS.md, keeping the others.
+
+  Args:
+    title: section title, without '## '.
+    body: the section's text (below the title).
+    path: BENCHMARKS.md path.
+  """
+  header = f'## {title}'
+  section = f'{header}\n\n{body.strip()}\n'
+  text = open(path).read() if os.path.exists(path) else '# Benchmarks\n'
+  pattern = re.compile(rf'^{re.escape(header)}\n.*?(?=^## |\Z)', re.S | re.M)
+  if pattern.search(text):
+    text = pattern.sub(lambda _: section + '\n', text, count=1)
+  else:
+    text = text.rstrip('\n') + '\n\n' + section
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text.rstrip('\n') + '\n')
+  os.replace(tmp, path)
+
+
+def write_section(title: str, command: str, table: str) -> None:
+  """A standard section: machine line, the command to reproduce, the figures.
+
+  Args:
+    title: section title.
+    command: how to reproduce (run from the repo root).
+    table: markdown figures.
+  """
+  replace_section(title, f'Measured {machine_line()}.\n\n`{command}`\n\n{table}')

@@ -1,0 +1,370 @@
+"""The report a person reads first: report.md and its figures (slices.png, training.png).
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
+switch) and written atomically. Cluster ids are arbitrary, so every prediction is recoloured by its
+Hungarian match to the reference classes: the same colour means the same matched class in every
+panel; unmatched clusters get colours of their own; 0 (not annotated / not covered / background)
+is black.
+"""
+
+import math
+import os
+
+import numpy as np
+from scipy import ndimage
+
+from jule3d import volume
+
+FIGURES_DIR = 'figures'
+_PANEL_IN = 3.2  # panel width, inches
+_DPI = 100
+TITLES = {'jule3d': 'jule3d', 'kmeans_intensity': 'k-means (intensity)', 'multi_otsu': 'multi-Otsu'}
+# Class colours (tab10 without its grey), then colours for clusters matched to no class.
+_CLASS_COLOURS = (
+  '#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#bcbd22', '#17becf',
+)  # fmt: skip
+_EXTRA_COLOURS = ('#aec7e8', '#ffbb78', '#98df8a', '#ff9896', '#c5b0d5', '#f7b6d2')
+_AXES = ((1, 2), (0, 2), (0, 1))  # displayed (row, column) array axes of a slice across axis 0/1/2
+CAPTION = (
+  'Three orthogonal slices (rows). Columns: image, reference labels, jule3d, and the two intensity '
+  'baselines. Cluster ids are arbitrary: each prediction is recoloured by its Hungarian match to '
+  'the reference classes (same colour = matched to the same class); clusters matched to no class '
+  'have colours of their own; black = 0 (not annotated in the reference, not covered or background '
+  'in a prediction). Pixel aspect follows the voxel spacing.'
+)
+
+
+def _rgb(hex_colour: str) -> np.ndarray:
+  return np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)], np.float64) / 255
+
+
+def _save(fig, path: str) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+  FigureCanvasAgg(fig)
+  tmp = volume.temp_path(path)
+  try:
+    fig.savefig(tmp, format='png', dpi=_DPI)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def slice_positions(shape, planes: np.ndarray) -> tuple[int, int, int]:
+  """Where the three orthogonal slices cut the volume.
+
+  The volume centre, except along axis 0 when the centre plane holds no annotation: then the middle
+  annotated plane (references annotated on a few slices, as in the paper).
+
+  Args:
+    shape: volume shape.
+    planes: annotated voxels per plane of axis 0.
+
+  Returns:
+    The plane index along axes 0, 1 and 2.
+  """
+  centre = [s // 2 for s in shape]
+  annotated = np.flatnonzero(planes)
+  if len(annotated) and not planes[centre[0]]:
+    centre[0] = int(annotated[len(annotated) // 2])
+  return tuple(centre)
+
+
+def _cut(vol, axis: int, index: int) -> np.ndarray:
+  lo, hi = [0, 0, 0], list(vol.shape)
+  lo[axis], hi[axis] = index, index + 1
+  return np.take(vol.read(lo, hi), 0, axis=axis)
+
+
+def _paint(labels: np.ndarray, colour_of) -> np.ndarray:
+  out = np.zeros(labels.shape + (3,))
+  for value in np.unique(labels):
+    if value:
+      out[labels == value] = colour_of(int(value))
+  return out
+
+
+def _annotation_thickness(planes: np.ndarray, depth: int, ratios) -> list[int]:
+  # A few annotated planes of a deep volume are 1-voxel lines on the axis-1/axis-2 cuts: drawn
+  # with fewer than ~1.5 screen pixels per voxel, most would vanish when the panel is downsampled.
+  sparse = planes.any() and (planes > 0).mean() < 0.5
+  out = [1, 1, 1]
+  for a in (1, 2):
+    pixels_per_voxel = _PANEL_IN * 0.9 * _DPI * ratios[a] / depth
+    if sparse and pixels_per_voxel < 1.5:
+      out[a] = 2 * int(math.ceil(1.5 / pixels_per_voxel) // 2) + 1
+  return out
+
+
+def write_figures(workdir, inputs, predictions, tables, scores, names, history) -> dict[str, str]:
+  """Writes figures/slices.png and (with a training history) figures/training.png.
+
+  Args:
+    workdir: the run directory.
+    inputs: pipeline.Inputs (image and reference labels).
+    predictions: method name -> label Volume.
+    tables: method name -> evaluate.Contingency.
+    scores: evaluate's scores ('nmi', 'matching').
+    names: reference class -> name.
+    history: train_history.json content, or None.
+
+  Returns:
+    figure name -> path relative to workdir.
+  """
+  folder = os.path.join(workdir, FIGURES_DIR)
+  os.makedirs(folder, exist_ok=True)
+  out = {'slices': f'{FIGURES_DIR}/slices.png'}
+  draw_slices(
+    os.path.join(workdir, out['slices']), inputs.image, inputs.labels, predictions,
+    tables['jule3d'].planes, scores, names,
+  )  # fmt: skip
+  if history and history.get('periods'):
+    out['training'] = f'{FIGURES_DIR}/training.png'
+    draw_training(os.path.join(workdir, out['training']), history)
+  return out
+
+
+def draw_slices(path, image, reference, predictions, planes, scores, names) -> None:
+  """Image, reference and predictions on three orthogonal slices, side by side.
+
+  Args:
+    path: output PNG.
+    image: image Volume.
+    reference: reference label Volume.
+    predictions: method name -> label Volume (missing methods are drawn as empty panels).
+    planes: annotated voxels per axis-0 plane (chooses the axis-0 slice).
+    scores: with 'nmi' and 'matching' (method -> {predicted label (str): reference class}).
+    names: reference class -> name.
+  """
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Patch
+
+  pos = slice_positions(image.shape, planes)
+  cuts = [_cut(image, a, pos[a]).astype(np.float64) for a in range(3)]
+  lo, hi = np.percentile(np.concatenate([c.ravel() for c in cuts]), [0.5, 99.5])
+  refs = [_cut(reference, a, pos[a]) for a in range(3)]
+  classes = sorted({int(v) for r in refs for v in np.unique(r) if v > 0} | set(names))
+  colour = {c: _rgb(_CLASS_COLOURS[i % len(_CLASS_COLOURS)]) for i, c in enumerate(classes)}
+  methods = ['jule3d', 'kmeans_intensity', 'multi_otsu']
+  columns = ['image', 'reference', *methods]
+  sp = image.spacing
+  # Rows as tall as their slices (in physical units) so elongated volumes waste no space.
+  extent = [(image.shape[r] * sp[r], image.shape[c] * sp[c]) for r, c in _AXES]
+  ratios = [float(np.clip(h / w, 0.15, 3.0)) for h, w in extent]
+  fig = Figure(
+    figsize=(_PANEL_IN * len(columns), _PANEL_IN * sum(ratios) + 1.8), layout='constrained'
+  )
+  axes = fig.subplots(3, len(columns), squeeze=False, gridspec_kw={'height_ratios': ratios})
+  thick = _annotation_thickness(planes, image.shape[0], ratios)
+  for a in (1, 2):  # annotated slices cross these cuts as lines along axis 1 / 2
+    if thick[a] > 1:
+      refs[a] = ndimage.grey_dilation(refs[a], size=(thick[a], 1))
+  extra_used = 0
+  for a in range(3):
+    row_ax, col_ax = _AXES[a]
+    aspect = sp[row_ax] / sp[col_ax]
+    for j, col in enumerate(columns):
+      ax = axes[a, j]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if col == 'image':
+        ax.imshow(cuts[a], cmap='gray', vmin=lo, vmax=hi, aspect=aspect, interpolation='nearest')
+      elif col == 'reference':
+        ax.imshow(_paint(refs[a], colour.__getitem__), aspect=aspect, interpolation='nearest')
+        if thick[a] > 1:
+          ax.set_xlabel(f'annotated slices drawn {thick[a]} voxels thick', fontsize=8)
+      elif col in predictions:
+        match = {int(p): r for p, r in (scores['matching'].get(col) or {}).items()}
+        labels = _cut(predictions[col], a, pos[a])
+        unmatched = sorted(set(np.unique(labels).tolist()) - set(match) - {0})
+        extra_used = max(extra_used, len(unmatched))
+        extra = {v: _rgb(_EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]) for i, v in enumerate(unmatched)}
+        pick = lambda v, m=match, e=extra: colour[m[v]] if v in m else e[v]
+        ax.imshow(_paint(labels, pick), aspect=aspect, interpolation='nearest')
+      else:
+        ax.text(0.5, 0.5, 'not computed', ha='center', va='center', transform=ax.transAxes)
+      if a == 0:
+        nmi = scores['nmi'].get(col)
+        title = TITLES.get(col, col) + ('' if nmi is None else f'\nNMI {nmi:.3f}')
+        ax.set_title(title, fontsize=11)
+      if j == 0:
+        ax.set_ylabel(f'axis {a} = {pos[a]}')
+        ax.set_xlabel(f'rows: axis {row_ax}, columns: axis {col_ax}', fontsize=8)
+  handles = [Patch(color=colour[c], label=f'{c}: {names.get(c, f"class {c}")}') for c in classes]
+  if extra_used:
+    handles.append(
+      Patch(color=_EXTRA_COLOURS[0], label='clusters matched to no class (pale colours)')
+    )
+  handles.append(Patch(color='k', label='0: not annotated / not covered / background'))
+  fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 3), fontsize=10)
+  fig.suptitle('Colours: each prediction recoloured by its Hungarian match to the reference')
+  _save(fig, path)
+
+
+def draw_training(path: str, history: dict) -> None:
+  """Per-period cluster count, mean loss and (if known) patch NMI of phase 1.
+
+  Args:
+    path: output PNG.
+    history: train_history.json content (non-empty 'periods').
+  """
+  from matplotlib.figure import Figure
+  from matplotlib.ticker import MaxNLocator
+
+  periods = history['periods']
+  x = [p['period'] for p in periods]
+  nmis = [p.get('nmi_patches') for p in periods]
+  panels = 3 if any(v is not None for v in nmis) else 2
+  fig = Figure(figsize=(4.5 * panels, 3.6), layout='constrained')
+  axes = fig.subplots(1, panels, squeeze=False)[0]
+  axes[0].plot(x, [p['clusters_end'] for p in periods], 'o-')
+  axes[0].set_yscale('log')
+  axes[0].set_ylabel('clusters after the period')
+  axes[1].plot(x, [p['loss_mean'] for p in periods], 'o-', color='#d62728')
+  axes[1].set_ylabel('mean triplet loss')
+  if panels == 3:
+    axes[2].plot(x, [np.nan if v is None else v for v in nmis], 'o-', color='#2ca02c', label='JULE')
+    raw = history.get('nmi_patches_raw')
+    if raw is not None:
+      axes[2].axhline(raw, color='grey', ls='--', label='no learning (raw patches)')
+    axes[2].set_ylabel('NMI of patch clusters')
+    axes[2].legend(fontsize=9)
+  for ax in axes:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel('period')
+    ax.grid(alpha=0.3)
+  fig.suptitle('Phase 1: recurrent JULE periods')
+  _save(fig, path)
+
+
+# --- report.md ----------------------------------------------------------------------------------
+
+
+def _num(v, fmt: str = '.3f') -> str:
+  return '-' if v is None else format(v, fmt)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  return lines + ['| ' + ' | '.join(r) + ' |' for r in rows]
+
+
+def markdown(rep: dict) -> str:
+  """report.md from the report dict (what report.json holds).
+
+  Args:
+    rep: evaluate's report dict.
+
+  Returns:
+    The Markdown text.
+  """
+  v, c = rep['volume'], rep['config']
+  shape = ' x '.join(str(s) for s in v['shape'])
+  spacing = ', '.join(f'{s:g}' for s in v['spacing'])
+  lines = [
+    '# jule3d report',
+    '',
+    f'- Volume: `{v["path"]}`, {shape} voxels, {v["dtype"]}, spacing ({spacing})',
+    f'- Reference: `{v["labels"]}`, {rep["annotated_voxels"]:,} annotated voxels scored',
+    f'- Segmentation: `{v["segmentation"]}`',
+    f'- Date: {rep["date"]}',
+    f'- Config: K = {c["segment"]["num_segments"]}, seed {c["seed"]}, threshold '
+    f'{c["data"]["threshold"]:g} ({c["data"]["foreground"]}), patch {c["patches"]["patch_size"]}, '
+    f'stride {c["segment"]["stride"]}, n_s = {c["patches"]["num_patches"]}, '
+    f'C = {c["cluster"]["num_clusters"]}',
+    '',
+    '## Scores on annotated voxels',
+    '',
+  ]
+  nmis = {m: s for m, s in rep['nmi'].items() if s is not None}
+  best = max(nmis.values(), default=None)
+  rows = []
+  for m, s in rep['nmi'].items():
+    text = _num(s)
+    if s is not None and s == best and len(nmis) > 1:
+      text = f'**{text}**'
+    elif s is None:
+      text = 'skipped: ' + rep.get('skipped', {}).get(m, 'not computed')
+    unc = rep['uncovered_fraction'].get(m)
+    rows.append([TITLES.get(m, m), text, _num(rep['dice_mean'].get(m)), _num(unc, '.1%')])
+  lines += _table(['method', 'NMI', 'mean Dice', 'annotated voxels labelled 0'], rows)
+  lines += [
+    '',
+    "NMI = I(Y;P) / sqrt(H(Y) H(P)) (sklearn, geometric). The prediction's 0 counts as one more "
+    'cluster. Dice: each reference class against its Hungarian-matched cluster (matched label in '
+    'brackets).',
+    '',
+  ]
+  methods = [m for m in rep['dice'] if rep['dice'][m]]
+  if methods:
+    rows = []
+    for i, r in enumerate(rep['dice'][methods[0]]):
+      cells = [f'{r["name"]} ({r["class"]})', f'{r["voxels"]:,}']
+      for m in methods:
+        d = rep['dice'][m][i]
+        cells.append(f'{d["dice"]:.3f} ({d["label"] if d["label"] is not None else "none"})')
+      rows.append(cells)
+    lines += _table(['reference class', 'voxels', *[TITLES.get(m, m) for m in methods]], rows)
+    lines.append('')
+  figs = rep.get('figures') or {}
+  lines += ['## Slices', '']
+  if 'slices' in figs:
+    lines += [f'![slices]({figs["slices"]})', '', report_caption(), '']
+  else:
+    lines += ['Figures disabled (config.evaluate.figures = False).', '']
+  lines += _phase1(rep.get('train_history'), figs)
+  t = rep['timing_s']
+  rows = [[k, _num(s, '.1f')] for k, s in t.items()]
+  lines += ['## Timings (seconds)', '', *_table(['stage', 'seconds'], rows), '']
+  lines += ['## Baselines', '']
+  for m, b in rep['baselines'].items():
+    if 'skipped' in b:
+      lines.append(f'- {TITLES.get(m, m)}: skipped ({b["skipped"]})')
+      continue
+    what = ', '.join(f'{x:.6g}' for x in b['thresholds'])
+    centres = ', '.join(f'{x:.6g}' for x in b.get('centres', []))
+    lines.append(
+      f'- {TITLES.get(m, m)}: thresholds [{what}]' + (f', centres [{centres}]' if centres else '')
+      + f'; labels in `{b["path"]}`' + (' (reused)' if b.get('reused') else '')
+    )  # fmt: skip
+  vs = ', '.join(f'{k} {x}' for k, x in rep['versions'].items() if x)
+  lines += ['', '## Versions', '', vs, '']
+  return '\n'.join(lines)
+
+
+def report_caption() -> str:
+  """Caption of the slices figure.
+
+  Returns:
+    The caption text.
+  """
+  return '*' + CAPTION + '*'
+
+
+def _phase1(history, figs) -> list[str]:
+  lines = ['## Phase 1 (JULE training)', '']
+  periods = (history or {}).get('periods') or []
+  if not periods:
+    return lines + [
+      'No train_history.json in the workdir (training ran elsewhere, or not yet).',
+      '',
+    ]
+  first, last = periods[0], periods[-1]
+  seconds = sum(p.get('seconds', 0) for p in periods)
+  lines.append(
+    f'{len(periods)} periods, {first["clusters_start"]} -> {last["clusters_end"]} clusters, mean '
+    f'loss {first["loss_mean"]:.4f} (first period) -> {last["loss_mean"]:.4f} (last), '
+    f'{seconds:.0f} s.'
+  )
+  raw = history.get('nmi_patches_raw')
+  if last.get('nmi_patches') is not None:
+    lines.append(
+      f"NMI of the training patches' clusters vs the reference: {last['nmi_patches']:.3f} after "
+      f'learning, {_num(raw)} clustering the raw patches (no learning).'
+    )
+  lines.append('')
+  if 'training' in figs:
+    lines += [f'![training]({figs["training"]})', '']
+  return lines
