@@ -15,9 +15,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
-import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,27 +28,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from bench.common import cpu_model, peak_rss_mb, put_section  # noqa: E402
 from configs import base  # noqa: E402
 from jule3d import model as model_lib  # noqa: E402
 from jule3d import objective  # noqa: E402
 
 SECTION = '## CNN throughput'
 PATCH = 27
-
-
-def cpu_model() -> str:
-  """CPU model name from lscpu, else platform.processor().
-
-  Returns:
-    The model name.
-  """
-  try:
-    for line in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines():
-      if line.startswith('Model name:'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
@@ -178,7 +161,7 @@ def run(args: argparse.Namespace) -> str:
     )
     print(rows[-1], flush=True)
   load_end = os.getloadavg()[0]
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  rss = peak_rss_mb()
 
   env = ', '.join(
     f'{name}={os.environ[name]}'
@@ -217,23 +200,6 @@ def run(args: argparse.Namespace) -> str:
   return '\n'.join(lines)
 
 
-def write_section(path: str, section: str) -> None:
-  """Replaces (or appends) SECTION in a markdown file, keeping the other sections.
-
-  Args:
-    path: BENCHMARKS.md path (created when missing).
-    section: the new section text, starting with SECTION.
-  """
-  text = open(path).read() if os.path.exists(path) else '# Benchmarks\n'
-  pattern = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section.rstrip('\n') + '\n\n', text)
-  else:
-    text = text.rstrip('\n') + '\n\n' + section
-  with open(path, 'w') as f:
-    f.write(text.rstrip('\n') + '\n')
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--batch', type=int, default=100, help='patches per step (paper: 100)')
@@ -254,8 +220,7 @@ def main() -> None:
   print()
   print(section)
   if not args.no_write:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    write_section(os.path.join(root, 'BENCHMARKS.md'), section)
+    put_section(section)
 
 
 if __name__ == '__main__':

@@ -12,9 +12,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
-import resource
-import subprocess
 import sys
 import time
 
@@ -29,6 +26,7 @@ import sklearn  # noqa: E402
 from sklearn.cluster import AgglomerativeClustering  # noqa: E402
 from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 
+from bench.common import cpu_model, peak_rss_mb, put_section  # noqa: E402
 from jule3d import graph  # noqa: E402
 
 SECTION = '## GDL agglomeration'
@@ -57,30 +55,6 @@ def mixture(n: int, d: int, components: int, seed: int) -> tuple[np.ndarray, np.
   x = centres[truth] + spread[truth, None] * rng.normal(size=(n, d))
   x /= np.linalg.norm(x, axis=1, keepdims=True)
   return x.astype(np.float32), truth
-
-
-def peak_rss_mb() -> float:
-  """Peak resident set size of this process in MiB (Linux ru_maxrss is in KiB).
-
-  Returns:
-    The peak RSS so far.
-  """
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_model() -> str:
-  """CPU model name from lscpu or /proc/cpuinfo.
-
-  Returns:
-    The model string ('unknown' when unavailable).
-  """
-  try:
-    for line in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines():
-      if line.startswith('Model name:'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def run(args: argparse.Namespace) -> str:
@@ -173,23 +147,6 @@ def run(args: argparse.Namespace) -> str:
   return '\n'.join(lines)
 
 
-def write_section(path: str, section: str) -> None:
-  """Replaces (or appends) this benchmark's section of BENCHMARKS.md, keeping the others.
-
-  Args:
-    path: BENCHMARKS.md path.
-    section: the new section text, starting with SECTION.
-  """
-  text = open(path).read() if os.path.exists(path) else '# Benchmarks\n'
-  pattern = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section + '\n', text, count=1)
-  else:
-    text = text.rstrip('\n') + '\n\n' + section
-  with open(path, 'w') as f:
-    f.write(text.rstrip('\n') + '\n')
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--n', type=int, default=10_000)
@@ -208,9 +165,7 @@ def main() -> None:
   section = run(args)
   print(section)
   if args.write:
-    write_section(
-      os.path.join(os.path.dirname(os.path.dirname(__file__)) or '.', 'BENCHMARKS.md'), section
-    )
+    put_section(section)
 
 
 if __name__ == '__main__':

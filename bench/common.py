@@ -73,6 +73,17 @@ def replace_section(title: str, body: str, path: str = BENCHMARKS) -> None:
   os.replace(tmp, path)
 
 
+def put_section(section: str, path: str = BENCHMARKS) -> None:
+  """Replaces (or appends) a section given as full text starting with its '## title' line.
+
+  Args:
+    section: the section text.
+    path: BENCHMARKS.md path.
+  """
+  title, _, body = section.partition('\n')
+  replace_section(title.removeprefix('## '), body, path)
+
+
 def write_section(title: str, command: str, table: str) -> None:
   """A standard section: machine line, the command to reproduce, the figures.
 
