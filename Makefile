@@ -44,7 +44,9 @@ mni152: $(MNI_STAMP)
 	$(PY) launch.py --config=configs/mni152.py --workdir=runs/mni152 $(ARGS)
 
 bench: venv
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_graph.py --write
+	$(PY) bench/bench_cnn.py --write
+	$(PY) bench/bench_sampling.py --write
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -79,34 +79,44 @@ def grid_features(
   mean: float,
   std: float,
   batch_size: int,
+  slab_depth: int = 1,
 ) -> np.ndarray:
   """CNN features at every grid centre, streamed: read a slab of patches, embed, keep the features.
 
+  Memory: one read box (slab_depth grid planes + a patch of halo) and its patches in the volume's
+  dtype; float32 copies are made per batch only.
+
   Args:
     image: the Volume.
-    centres: [M, 3] grid centres.
+    centres: [M, 3] grid centres in raster order.
     patch_size: w.
     embed_fn: model.make_embed_fn(net).
     variables: restored {'params', 'batch_stats'}.
     mean: normalisation mean stored with the model.
     std: normalisation std stored with the model.
     batch_size: patches per CNN call (fixed: one compile; the last batch is padded).
+    slab_depth: axis-0 voxels of centres per read (the grid stride reads one grid plane at a time).
 
   Returns:
     [M, embed_dim] float32.
   """
   feats = None
-  for idx, raw in patches.iter_patches(image, centres, patch_size):
-    x = (raw.astype(np.float32) - np.float32(mean)) / np.float32(std)
-    for i in range(0, len(x), batch_size):
-      batch = x[i : i + batch_size]
-      n = len(batch)
+  done, next_log, t0 = 0, 0.1, time.time()
+  for idx, raw in patches.iter_patches(image, centres, patch_size, slab_depth):
+    for i in range(0, len(raw), batch_size):
+      x = (raw[i : i + batch_size].astype(np.float32) - np.float32(mean)) / np.float32(std)
+      n = len(x)
       if n < batch_size:
-        batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], np.float32)])
-      out = np.asarray(embed_fn(variables, jnp.asarray(batch)))[:n]
+        x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
+      out = np.asarray(embed_fn(variables, jnp.asarray(x)))[:n]
       if feats is None:
         feats = np.empty((len(centres), out.shape[1]), np.float32)
       feats[idx[i : i + n]] = out
+    done += len(idx)
+    if done >= next_log * len(centres):
+      rate = done / max(time.time() - t0, 1e-9)
+      logging.info('features: %d/%d grid patches (%.0f patches/s)', done, len(centres), rate)
+      next_log += 0.1
   return feats
 
 
@@ -204,6 +214,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     meta['mean'],
     meta['std'],
     c.segment.batch_size,
+    slab_depth=s,
   )
   t_feat = time.time() - t0
   labels = kmeans_labels(feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
