@@ -10,12 +10,11 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from sklearn.cluster import KMeans
 
-from jule3d import checkpoint, model, objective, patches, volume
+from jule3d import checkpoint, model, objective, patches, sharding, volume
 from jule3d.errors import UserError
 
 SEGMENTATION = 'segmentation.zarr'
@@ -101,6 +100,8 @@ def grid_features(
     [M, embed_dim] float32.
   """
   feats = None
+  m = sharding.mesh()
+  variables = jax.device_put(variables, sharding.replicated(m))
   done, next_log, t0 = 0, 0.1, time.time()
   for idx, raw in patches.iter_patches(image, centres, patch_size, slab_depth):
     for i in range(0, len(raw), batch_size):
@@ -108,7 +109,7 @@ def grid_features(
       n = len(x)
       if n < batch_size:
         x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
-      out = np.asarray(embed_fn(variables, jnp.asarray(x)))[:n]
+      out = np.asarray(embed_fn(variables, sharding.put_batch(x, m)))[:n]
       if feats is None:
         feats = np.empty((len(centres), out.shape[1]), np.float32)
       feats[idx[i : i + n]] = out

@@ -16,6 +16,7 @@ them.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import numpy as np
 from absl import logging
 from sklearn.metrics import normalized_mutual_info_score
 
-from jule3d import checkpoint, files, graph, model, objective, patches
+from jule3d import checkpoint, files, graph, model, objective, patches, sharding
 from jule3d.errors import UserError
 
 HISTORY_FILE = 'train_history.json'
@@ -106,13 +107,14 @@ def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> n
     [N, embed_dim] float32 numpy array.
   """
   n = data.shape[0]
+  m = sharding.mesh()
   out = []
   for i in range(0, n, batch_size):
     batch = data[i : i + batch_size]
     short = batch_size - batch.shape[0]
     if short:
       batch = jnp.concatenate([batch, jnp.zeros((short,) + batch.shape[1:], batch.dtype)])
-    out.append(embed_fn(variables, batch)[: batch_size - short])
+    out.append(embed_fn(variables, sharding.put_batch(batch, m))[: batch_size - short])
   return np.asarray(jnp.concatenate(out))
 
 
@@ -153,20 +155,22 @@ def _cluster_kwargs(c) -> dict[str, Any]:
   return dict(k_s=cl.k_s, k_c=cl.k_c, a=cl.a, lam=cl.lam)
 
 
-def make_epoch_step(net, tx, train_cfg):
+def make_epoch_step(net, tx, train_cfg, m=None):
   """Jitted step that gathers the batch on the device from the resident patches (no host copy).
 
   Args:
     net: the JuleCNN.
     tx: the optimiser.
     train_cfg: config.train.
+    m: the device mesh (default: all devices); the gathered batch is split over it.
 
   Returns:
     fn(state, all_patches, all_labels, idx[B], valid[B]) -> (state, metrics).
   """
   step = objective.make_train_step(net, tx, train_cfg)
+  split = sharding.batch_sharding(m or sharding.mesh(), train_cfg.batch_size)
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=split)
   def gather(all_patches, all_labels, idx, valid):
     return {'patches': all_patches[idx], 'labels': all_labels[idx], 'valid': valid}
 
@@ -283,7 +287,12 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       'resuming from checkpoint %d: period %d, %d clusters', step, period, labels.max() + 1
     )
 
-  epoch_step = make_epoch_step(net, tx, c.train)
+  # Data parallel over all local devices: parameters and the resident patches replicated, each
+  # batch split (jule3d/sharding.py). A no-op on one device.
+  m = sharding.mesh()
+  state = jax.device_put(state, sharding.replicated(m))
+  data.patches = jax.device_put(data.patches, sharding.replicated(m))
+  epoch_step = make_epoch_step(net, tx, c.train, m)
   target = c.cluster.num_clusters
   while True:
     t0 = time.time()
@@ -311,7 +320,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       merges = start - (int(new.max()) + 1)
       labels = new
     num_clusters = int(labels.max()) + 1
-    labels_dev = jnp.asarray(labels, jnp.int32)
+    labels_dev = jax.device_put(jnp.asarray(labels, jnp.int32), sharding.replicated(m))
     losses = []
     for epoch in range(c.train.epochs_per_period):
       te = time.time()
