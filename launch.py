@@ -27,17 +27,51 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+_FIELDS = '(see configs/base.py for the fields and their types)'
+
+
+def _config_arg(argv: list[str]) -> str:
+  # The text given to --config (the flag itself may not be parsed when loading it failed).
+  for i, arg in enumerate(argv):
+    if arg.startswith(('--config=', '-config=')):
+      return arg.split('=', 1)[1]
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def _override_problem(e: Exception) -> str:
+  # ml_collections raises KeyError("'name'\nDid you mean ...?"), sometimes inside an AttributeError.
+  if e.args and isinstance(e.args[0], KeyError):
+    e = e.args[0]
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  first, *rest = text.strip().split('\n')
+  if isinstance(e, KeyError) and first.startswith("'") and first.endswith("'"):
+    first = f'no field {first} in the config'
+  return ' '.join([first, *(f'({line.strip()})' for line in rest if line.strip())])
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   # absl/ml_collections report a mistyped `--config.x.y=` as a raw AttributeError/KeyError traceback;
   # a user gets one actionable line instead.
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    # ml_collections defers a config file that fails to load until the config is first used.
+    FLAGS.config.keys()
+    return rest
   except flags.Error as e:
-    _fail(f'{e}\nUsage: python launch.py --config=configs/demo.py --workdir=DIR [--mode=...]')
+    hint = f' {_FIELDS}' if str(e).startswith('flag --config.') else ''
+    _fail(f'{e}{hint}\nUsage: python launch.py --config=configs/demo.py --workdir=DIR [--mode=...]')
+  except OSError as e:
+    # ml_collections wraps the reason ("[Errno 2] No such file or directory: ...") in its own text.
+    reason = str(e).strip().splitlines()[-1].strip()
+    reason = reason[reason.find('[Errno') :] if '[Errno' in reason else reason
+    _fail(
+      f'--config={_config_arg(argv)}: the config file cannot be loaded ({reason}): give an '
+      'existing config file, e.g. --config=configs/demo.py.'
+    )
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    _fail(f'bad --config override: {e} (see configs/base.py for the fields and their types)')
-  except FileNotFoundError as e:
-    _fail(f'--config: config file not found: {e.filename or e}')
+    _fail(f'bad --config override: {_override_problem(e)} {_FIELDS}')
   return []
 
 

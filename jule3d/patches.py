@@ -102,6 +102,21 @@ def require_centres(total: int, num: int, threshold: float, direction: str) -> N
     )
 
 
+def require_grid(count: int, num_segments: int, stride: int) -> None:
+  """Raises UserError when the stride grid has fewer foreground patches than segments K.
+
+  Args:
+    count: grid patches with a foreground centre.
+    num_segments: K.
+    stride: grid stride (for the message).
+  """
+  if count < num_segments:
+    raise UserError(
+      f'only {count} grid patches (stride {stride}) have a foreground centre, fewer than '
+      f'config.segment.num_segments = {num_segments}: lower the stride or K, or check the threshold.'
+    )
+
+
 def sample_centres(
   volume,
   num: int,

@@ -35,7 +35,10 @@ class Inputs:
 
 
 def resolve_inputs(
-  config: ml_collections.ConfigDict, workdir: str, for_training: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  for_training: bool = False,
+  for_segmenting: bool = False,
 ) -> Inputs:
   """Validates the config, generates the phantom if asked, opens and checks the volumes.
 
@@ -43,6 +46,8 @@ def resolve_inputs(
     config: the run config.
     workdir: the run's directory (created if needed).
     for_training: also check that enough foreground centres exist for config.patches.num_patches.
+    for_segmenting: also check that the stride grid holds at least config.segment.num_segments
+      foreground patches (so that `--mode=all` does not find out only after training).
 
   Returns:
     Inputs with config.data.path (and labels) resolved.
@@ -54,17 +59,40 @@ def resolve_inputs(
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
   existed = os.path.isdir(workdir)
   _make_workdir(workdir)
+  before = _entries(workdir)
   try:
     inputs = _open_inputs(config, workdir)
-    if for_training:
-      _check_enough_centres(inputs)
+    with volume.read_errors(inputs.image):
+      if for_training:
+        _check_enough_centres(inputs)
+      if for_segmenting:
+        _check_enough_grid_patches(inputs)
     return inputs
   except UserError:
-    # Bad input leaves no trace: a workdir this call created (holding at most a phantom or a
-    # converted copy of the input) is removed again.
+    # Bad input leaves no trace: a workdir this call created is removed again, and in an existing
+    # one what this call added (a phantom, converted copies under cache/) is removed.
     if not existed:
       shutil.rmtree(workdir, ignore_errors=True)
+    else:
+      for entry in sorted(_entries(workdir) - before, reverse=True):
+        _remove(os.path.join(workdir, entry))
     raise
+
+
+def _entries(workdir: str) -> set[str]:
+  # What resolve_inputs may add, and nothing else (a run elsewhere in the workdir is not touched).
+  names = {n for n in ('phantom', 'mni152', 'cache') if os.path.lexists(os.path.join(workdir, n))}
+  cache = os.path.join(workdir, 'cache')
+  if os.path.isdir(cache):
+    names |= {os.path.join('cache', n) for n in os.listdir(cache)}
+  return names
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.unlink(path)
 
 
 def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
@@ -91,7 +119,8 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
   image = volume.open_volume(
     d.path, cache_dir=cache, spacing=tuple(d.spacing), chunk=d.cache_chunk, name='data.path'
   )
-  volume.validate_volume(image, min_size=config.patches.patch_size)
+  with volume.read_errors(image):
+    volume.validate_volume(image, min_size=config.patches.patch_size)
   if d.expected_shape and tuple(d.expected_shape) != image.shape:
     logging.warning(
       "volume shape %s differs from this config's paper volume %s: fine for your own data, "
@@ -124,11 +153,25 @@ def _check_enough_centres(inputs: Inputs) -> None:
   )
 
 
+def _check_enough_grid_patches(inputs: Inputs) -> None:
+  c = inputs.config
+  w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
+  grid = patches.grid_centres(inputs.image, w, s, c.data.threshold, c.data.foreground)
+  patches.require_grid(len(grid), k, s)
+
+
 def _make_workdir(workdir: str) -> None:
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise UserError(
+      f'--workdir {workdir!r} exists and is not a folder: choose a directory (new or existing) '
+      'for the outputs.'
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise UserError(f'--workdir {workdir!r} cannot be created: {e.strerror}.') from None
+    raise UserError(
+      f'--workdir {workdir!r} cannot be created ({e.strerror}): choose a directory you can write to.'
+    ) from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise UserError(f'--workdir {workdir!r} is not writable: choose a directory you can write to.')
 
@@ -147,7 +190,12 @@ def run(
   """
   if mode not in MODES:
     raise UserError(f'--mode={mode!r}: expected one of {", ".join(MODES)}.')
-  inputs = resolve_inputs(config, workdir, for_training=mode in ('all', 'train'))
+  inputs = resolve_inputs(
+    config,
+    workdir,
+    for_training=mode in ('all', 'train'),
+    for_segmenting=mode in ('all', 'segment'),
+  )
   if mode in ('all', 'train'):
     from jule3d import train
 

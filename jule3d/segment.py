@@ -200,11 +200,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
   t0 = time.time()
   centres = patches.grid_centres(inputs.image, w, s, c.data.threshold, c.data.foreground)
-  if len(centres) < k:
-    raise UserError(
-      f'only {len(centres)} grid patches (stride {s}) have a foreground centre, fewer than '
-      f'config.segment.num_segments = {k}: lower the stride or K, or check the threshold.'
-    )
+  patches.require_grid(len(centres), k, s)
   logging.info('segmenting %d grid patches (stride %d, %d^3)', len(centres), s, w)
   feats = grid_features(
     inputs.image,

@@ -61,7 +61,9 @@ _SLAB_BYTES = 256 << 20  # conversion slabs shrink below `chunk` planes only pas
 
 
 def _first_line(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+  line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  # tensorstore appends the whole spec it was given: noise in a one-line message.
+  return re.sub(r"\s*\[tensorstore_spec='.*$", '', line)[:300]
 
 
 def _where(name: str, path: str) -> str:
@@ -893,6 +895,34 @@ def write_nifti(
 
 
 # --- Checks ---------------------------------------------------------------------------------------
+
+# tensorstore reports a failed read as a ValueError whose text starts with an absl status code.
+_TS_STATUS = re.compile(r'^[A-Z][A-Z_]+: ')
+
+
+@contextlib.contextmanager
+def read_errors(vol: Volume) -> Iterator[None]:
+  """Context manager: a tensorstore read failure inside becomes a UserError naming the volume.
+
+  A zarr/N5 chunk that exists but cannot be decoded (a damaged or half-copied file) is found only
+  when it is read; wrap the first full pass over a volume in this so that the user gets one line.
+  Chunks that are missing altogether are not an error: they read as the store's fill value.
+
+  Args:
+    vol: the volume being read.
+
+  Returns:
+    A context manager.
+  """
+  try:
+    yield
+  except ValueError as e:
+    if isinstance(e, UserError) or not _TS_STATUS.match(str(e)):
+      raise
+    raise UserError(
+      f'volume {vol.path!r} could not be read ({_first_line(e)}): a chunk of it is damaged or '
+      'unreadable; copy or convert the volume again.'
+    ) from None
 
 
 def validate_volume(vol: Volume, *, min_size: int) -> None:
