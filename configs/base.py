@@ -82,7 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.segment.num_segments = 3  # K: k-means clusters (segment labels 1..K, 0 = not covered).
   c.segment.kmeans_restarts = 10  # k-means++ restarts (best inertia kept).
   c.segment.kmeans_max_fit = 200_000  # Fit k-means on at most this many grid features (seeded).
-  c.segment.batch_size = 256  # Patches per feature-extraction batch.
+  c.segment.batch_size = 256  # Patches per feature-extraction batch (per-patch path).
+  c.segment.feature_path = (
+    'auto'  # 'auto' (fewer FLOPs), 'dense' (fully convolutional) or 'per_patch'.
+  )
   c.segment.checkpoint = ''  # Another run's workdir or checkpoint dir to segment with ('' = ours).
   c.segment.save_features = False  # Also write the grid features (features.npz) to the workdir.
 

@@ -146,3 +146,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _int_at_least(c, 'segment.kmeans_restarts', 1)
   _int_at_least(c, 'segment.kmeans_max_fit', 2)
   _int_at_least(c, 'segment.batch_size', 1)
+  _require(
+    s.feature_path in ('auto', 'dense', 'per_patch'),
+    'segment.feature_path',
+    s.feature_path,
+    "'auto', 'dense' or 'per_patch'",
+  )

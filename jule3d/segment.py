@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from sklearn.cluster import KMeans
 
-from jule3d import checkpoint, model, objective, patches, sharding, volume
+from jule3d import checkpoint, dense, model, objective, patches, sharding, volume
 from jule3d.errors import UserError
 
 SEGMENTATION = 'segmentation.zarr'
@@ -166,16 +166,19 @@ def paint_slab(
     uint8 [z1 - z0, Y, X]; uncovered voxels 0.
   """
   out = np.zeros((z1 - z0,) + tuple(shape[1:]), np.uint8)
-  lo_off = stride // 2
-  starts = centres[:, 0] - lo_off
-  sel = slice(*np.searchsorted(starts, [z0 - stride + 1, z1]))
-  for (cz, cy, cx), lab in zip(centres[sel], labels[sel], strict=True):
-    a, b = max(cz - lo_off, z0), min(cz - lo_off + stride, z1)
-    out[
-      a - z0 : b - z0,
-      max(cy - lo_off, 0) : cy - lo_off + stride,
-      max(cx - lo_off, 0) : cx - lo_off + stride,
-    ] = lab
+  lo = stride // 2
+  first = centres[:, 0] - lo  # first plane of each block; centres are sorted by axis 0
+  sel = slice(*np.searchsorted(first, [z0 - stride + 1, z1]))
+  c, lab = centres[sel], labels[sel]
+  # One vectorised assignment per offset inside the block (s^3 of them), not a loop over centres.
+  # Blocks stay inside the volume on axes 1 and 2 because stride // 2 <= patch_size // 2.
+  for dz in range(stride):
+    z = c[:, 0] - lo + dz
+    keep = (z >= z0) & (z < z1)
+    zk, yk, xk, lk = z[keep] - z0, c[keep, 1] - lo, c[keep, 2] - lo, lab[keep]
+    for dy in range(stride):
+      for dx in range(stride):
+        out[zk, yk + dy, xk + dx] = lk
   return out
 
 
@@ -201,18 +204,36 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   t0 = time.time()
   centres = patches.grid_centres(inputs.image, w, s, c.data.threshold, c.data.foreground)
   patches.require_grid(len(centres), k, s)
-  logging.info('segmenting %d grid patches (stride %d, %d^3)', len(centres), s, w)
-  feats = grid_features(
-    inputs.image,
-    centres,
+  flops = dense.flops_per_grid_patch(c.model, w, s, inputs.image.shape)
+  path = c.segment.feature_path
+  if path == 'auto':
+    path = dense.choose_path(c.model, w, s, inputs.image.shape, num_centres=len(centres))
+  logging.info(
+    'segmenting %d grid patches (stride %d, %d^3) on the %s path; forward MFLOP per grid patch: '
+    'per-patch %.2f, dense %.2f',
+    len(centres),
+    s,
     w,
-    model.make_embed_fn(net),
-    variables,
-    meta['mean'],
-    meta['std'],
-    c.segment.batch_size,
-    slab_depth=s,
+    path,
+    flops['per_patch'] / 1e6,
+    flops['dense'] / 1e6,
   )
+  if path == 'dense':
+    feats = dense.dense_grid_features(
+      inputs.image, centres, w, net, variables, meta['mean'], meta['std'], stride=s
+    )
+  else:
+    feats = grid_features(
+      inputs.image,
+      centres,
+      w,
+      model.make_embed_fn(net),
+      variables,
+      meta['mean'],
+      meta['std'],
+      c.segment.batch_size,
+      slab_depth=s,
+    )
   t_feat = time.time() - t0
   labels = kmeans_labels(feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
   t_km = time.time() - t0 - t_feat
@@ -232,6 +253,8 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     os.replace(tmp, os.path.join(workdir, FEATURES))
   summary = {
     'grid_patches': int(len(centres)),
+    'feature_path': path,
+    'mflop_per_grid_patch': {k: round(flops[k] / 1e6, 3) for k in ('per_patch', 'dense')},
     'features_s': round(t_feat, 3),
     'kmeans_s': round(t_km, 3),
     'write_s': round(time.time() - t0 - t_feat - t_km, 3),

@@ -1,0 +1,146 @@
+"""Dense grid features: equal to the per-patch path for any stride, slab and block layout."""
+
+import types
+
+import jax
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from configs import base, demo
+from jule3d import dense, model, patches, segment
+from jule3d.errors import UserError
+
+MEAN, STD = 100.0, 20.0
+# 15 -> conv 13 -> pool 6 -> 4 -> 2: fc1 sees a 2^3 window, so its flatten order is exercised.
+W = 15
+
+
+def _volume(array: np.ndarray):
+  return types.SimpleNamespace(store=ts.array(array), shape=array.shape, dtype=array.dtype)
+
+
+def _model(patch_size, kernel, feats, hidden, embed, seed=0):
+  cfg = base.get_config().model
+  cfg.conv_features = feats
+  cfg.kernel_size = kernel
+  cfg.hidden_dim = hidden
+  cfg.embed_dim = embed
+  cfg.init_std = 0.2
+  net = model.build_model(cfg)
+  variables = jax.tree.map(np.asarray, model.init_variables(net, jax.random.key(seed), patch_size))
+  # Non-trivial running statistics, so eval-mode BatchNorm is not the identity.
+  rng = np.random.default_rng(seed)
+  for stats in variables['batch_stats'].values():
+    stats['mean'] = rng.normal(0.0, 0.3, stats['mean'].shape).astype(np.float32)
+    stats['var'] = rng.uniform(0.2, 2.0, stats['var'].shape).astype(np.float32)
+  return cfg, net, variables
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return _model(W, 3, (4, 5, 6), 7, 5)
+
+
+def _grid(shape, w, s):
+  axes = patches.grid_axes(shape, w, s)
+  return np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3).astype(np.int32)
+
+
+def _per_patch(vol, centres, w, net, variables):
+  fn = model.make_embed_fn(net)
+  return segment.grid_features(vol, centres, w, fn, variables, MEAN, STD, batch_size=64)
+
+
+def _random(shape, seed=1):
+  return np.random.default_rng(seed).normal(MEAN, STD, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+  'shape, stride, kwargs',
+  [
+    ((22, 19, 24), 1, {}),
+    ((22, 19, 24), 2, {'slab_planes': 2}),
+    ((23, 20, 21), 3, {'slab_planes': 1}),
+    ((27, 26, 25), 5, {}),
+    ((21, 24, 22), 2, {'memory_mb': 0.01}),  # 1-lattice-point blocks: tiling on every axis
+    ((25, 20, 19), 3, {'memory_mb': 0.3}),
+  ],
+)
+def test_dense_equals_per_patch(tiny, shape, stride, kwargs):
+  _, net, variables = tiny
+  w = W
+  vol = _volume(_random(shape))
+  centres = _grid(shape, w, stride)
+  # The first and last valid centres touch the volume border on every axis for stride 1.
+  got = dense.dense_grid_features(
+    vol, centres, w, net, variables, MEAN, STD, stride=stride, **kwargs
+  )
+  want = _per_patch(vol, centres, w, net, variables)
+  assert got.shape == want.shape and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+  # The comparison means something only if the features vary over the volume.
+  assert got.std(axis=0).max() > 0.05
+
+
+def test_border_centres_and_sparse_foreground(tiny):
+  _, net, variables = tiny
+  w, shape = W, (24, 21, 26)
+  vol = _volume(_random(shape, seed=3))
+  lo, hi = patches.centre_bounds(shape, w)
+  grid = _grid(shape, w, 1)
+  keep = np.random.default_rng(0).random(len(grid)) < 0.05
+  # Corners of the valid-centre box (first and last valid centre on each axis) plus a sparse,
+  # scattered foreground: empty blocks are skipped, the stride is inferred.
+  corners = np.array(np.meshgrid(*[[a, b - 1] for a, b in zip(lo, hi, strict=True)], indexing='ij'))
+  centres = np.unique(np.concatenate([grid[keep], corners.reshape(3, -1).T]), axis=0)
+  got = dense.dense_grid_features(vol, centres, w, net, variables, MEAN, STD, slab_planes=3)
+  np.testing.assert_allclose(got, _per_patch(vol, centres, w, net, variables), rtol=0, atol=1e-4)
+
+
+def test_demo_model_and_integer_volume():
+  cfg = demo.get_config()
+  w = cfg.patches.patch_size
+  net = model.build_model(cfg.model)
+  variables = jax.tree.map(np.asarray, model.init_variables(net, jax.random.key(1), w))
+  rng = np.random.default_rng(2)
+  for stats in variables['batch_stats'].values():
+    stats['mean'] = rng.normal(0.0, 0.5, stats['mean'].shape).astype(np.float32)
+    stats['var'] = rng.uniform(0.5, 2.0, stats['var'].shape).astype(np.float32)
+  arr = rng.integers(0, 200, (30, 28, 33)).astype(np.int16)
+  vol = _volume(arr)
+  centres = _grid(arr.shape, w, 3)
+  got = dense.dense_grid_features(vol, centres, w, net, variables, MEAN, STD, slab_planes=2)
+  np.testing.assert_allclose(got, _per_patch(vol, centres, w, net, variables), rtol=0, atol=1e-4)
+
+
+def test_bad_inputs(tiny):
+  _, net, variables = tiny
+  vol = _volume(_random((20, 20, 20)))
+  args = (W, net, variables, MEAN, STD)
+  with pytest.raises(UserError, match='outside the volume'):
+    dense.dense_grid_features(vol, np.array([[7, 7, 13]]), *args)
+  with pytest.raises(UserError, match=r'\[M, 3\]'):
+    dense.dense_grid_features(vol, np.array([7, 7, 7]), *args)
+  with pytest.raises(UserError, match='stride-2 grid'):
+    dense.dense_grid_features(vol, np.array([[7, 7, 8]]), *args, stride=2)
+  with pytest.raises(UserError, match='std'):
+    dense.dense_grid_features(vol, np.array([[7, 7, 7]]), W, net, variables, MEAN, 0.0)
+  assert dense.dense_grid_features(vol, np.zeros((0, 3), int), *args).shape == (0, 5)
+
+
+def test_flops_and_choice():
+  cfg = demo.get_config().model
+  w = 17
+  small = dense.flops_per_grid_patch(cfg, w, 1, (64, 64, 64))
+  large = dense.flops_per_grid_patch(cfg, w, 4, (64, 64, 64))
+  assert small['per_patch'] == model.flops_per_patch(cfg, w) == large['per_patch']
+  assert small['grid_patches'] == 48**3 and large['grid_patches'] == 12**3
+  # Dense shares the convolutions between overlapping patches: far cheaper at small strides, and
+  # its cost per patch grows with the stride.
+  assert small['dense'] < large['dense'] < small['per_patch']
+  assert dense.choose_path(cfg, w, 1, (64, 64, 64)) == 'dense'
+  # Patches far apart share nothing: the dense path computes convolutions between them for nothing.
+  assert dense.choose_path(cfg, w, 40, (200, 200, 200)) == 'per_patch'
+  # Few requested centres on a large grid: per patch wins.
+  assert dense.choose_path(cfg, w, 2, (96, 96, 96), num_centres=10) == 'per_patch'
