@@ -47,6 +47,7 @@ bench: venv
 	$(PY) bench/bench_graph.py --write
 	$(PY) bench/bench_cnn.py --write
 	$(PY) bench/bench_sampling.py --write
+	$(PY) bench/bench_dense.py --write
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
