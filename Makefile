@@ -16,7 +16,7 @@ export LD_PRELOAD := $(TCMALLOC)
 endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test lint demo bench mni152 clean
+.PHONY: venv test lint demo bench bench-torch mni152 clean
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,17 @@ bench: venv
 	$(PY) bench/bench_cnn.py --write
 	$(PY) bench/bench_sampling.py --write
 	$(PY) bench/bench_dense.py --write
+
+# PyTorch only for the comparison benchmark: its own virtualenv, never the project's .venv.
+TORCH_VENV := .venv-torch
+TORCH_STAMP := $(TORCH_VENV)/.torch-installed
+$(TORCH_STAMP):
+	@test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 numpy
+	@touch $(TORCH_STAMP)
+
+bench-torch: venv $(TORCH_STAMP)
+	$(PY) bench/bench_torch.py --layers --write
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -74,8 +74,12 @@ def manager(path: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpoint
     The manager.
   """
   directory = os.path.abspath(checkpoint_dir(path))
+  # cleanup_tmp_directories: a run killed mid-save leaves orbax's temporary step folder behind.
   options = ocp.CheckpointManagerOptions(
-    create=not read_only, max_to_keep=keep, read_only=read_only
+    create=not read_only,
+    max_to_keep=keep,
+    read_only=read_only,
+    cleanup_tmp_directories=not read_only,
   )
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'meta'))
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -39,3 +41,37 @@ def write_json_atomic(path: str, obj: Any) -> None:
     obj: JSON-serialisable object.
   """
   write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
+
+
+# The temporary names this package writes: `.{name}.{random}.tmp` (write_text_atomic),
+# `.{name}.tmp-{hex}` (volume.temp_path) and `.{name}.tmp.npz` (features).
+_TEMPORARY = re.compile(r'^\..+(\.tmp|\.tmp-[0-9a-f]+|\.tmp\.npz)$')
+
+
+def remove_stale_temporaries(
+  folder: str, subfolders: tuple[str, ...] = ('cache', 'baselines')
+) -> list[str]:
+  """Deletes temporaries a killed run left behind (never a file under a final name).
+
+  Safe because one workdir is used by one run at a time.
+
+  Args:
+    folder: the workdir.
+    subfolders: its subfolders that receive atomic writes too.
+
+  Returns:
+    The removed paths.
+  """
+  removed = []
+  for where in (folder, *(os.path.join(folder, s) for s in subfolders)):
+    if not os.path.isdir(where):
+      continue
+    for name in os.listdir(where):
+      if _TEMPORARY.match(name):
+        path = os.path.join(where, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          os.unlink(path)
+        removed.append(path)
+  return removed

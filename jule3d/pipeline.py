@@ -196,6 +196,9 @@ def run(
     for_training=mode in ('all', 'train'),
     for_segmenting=mode in ('all', 'segment'),
   )
+  stale = files.remove_stale_temporaries(workdir)
+  if stale:
+    logging.info('removed %d temporaries left by an interrupted run', len(stale))
   if mode in ('all', 'train'):
     from jule3d import train
 

@@ -11,8 +11,9 @@ Resume precedence (what `--mode=train` does in a workdir):
      finished run is left as it is);
   2. checkpoints from a different config: refuse, unless --overwrite, which deletes them first;
   3. no checkpoint: start from scratch.
-The training patches are re-read from their saved centres (cheap), so a checkpoint does not hold
-them.
+A checkpoint is written after every epoch (named by the global SGD step), so a crash costs at most
+one epoch; within a period, training resumes at the next epoch with the period's labels. The
+training patches are re-read from their saved centres (cheap), so a checkpoint does not hold them.
 """
 
 import dataclasses
@@ -256,6 +257,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
   embed_fn = model.make_embed_fn(net)
   n_s = c.patches.num_patches
 
+  partial = None  # progress inside the current period: {'start', 'merges', 'epochs_done', ...}
   if resume is None:
     t0 = time.time()
     data = load_training_data(inputs)
@@ -282,9 +284,14 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     data = load_training_data(inputs, centres=saved['centres'])
     labels = saved['labels']
     period = int(meta['period'])
+    partial = meta.get('partial')
     history = meta['history']
     logging.info(
-      'resuming from checkpoint %d: period %d, %d clusters', step, period, labels.max() + 1
+      'resuming from checkpoint %d: period %d, epoch %d, %d clusters',
+      step,
+      period,
+      partial['epochs_done'] if partial else 0,
+      labels.max() + 1,
     )
 
   # Data parallel over all local devices: parameters and the resident patches replicated, each
@@ -294,35 +301,62 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
   data.patches = jax.device_put(data.patches, sharding.replicated(m))
   epoch_step = make_epoch_step(net, tx, c.train, m)
   target = c.cluster.num_clusters
+  epochs = c.train.epochs_per_period
+
+  def save(done: bool) -> None:
+    # One checkpoint per epoch (named by the global SGD step), so a crash costs at most one epoch.
+    meta = {
+      'period': period,
+      'partial': partial,
+      'done': done,
+      'num_clusters': int(labels.max()) + 1,
+      'mean': data.mean,
+      'std': data.std,
+      'seed': c.seed,
+      'fingerprint': fp,
+      'config': json.loads(c.to_json_best_effort()),
+      'history': history,
+    }
+    arrays = {'labels': labels.astype(np.int32), 'centres': data.centres}
+    checkpoint.save(mgr, int(state.step), state, arrays, meta)
+
   while True:
     t0 = time.time()
-    start = None if labels is None else int(labels.max()) + 1
-    if start is not None and start <= target:
-      merges = 0  # the extra period on the final labels
-    else:
-      if period == 0:
-        feats = raw_features(data.patches)
+    if partial is None:
+      start = None if labels is None else int(labels.max()) + 1
+      if start is not None and start <= target:
+        merges = 0  # the extra period on the final labels
       else:
-        feats = extract_features(
-          embed_fn,
-          {'params': state.params, 'batch_stats': state.batch_stats},
-          data.patches,
-          c.segment.batch_size,
+        if period == 0:
+          feats = raw_features(data.patches)
+        else:
+          feats = extract_features(
+            embed_fn,
+            {'params': state.params, 'batch_stats': state.batch_stats},
+            data.patches,
+            c.segment.batch_size,
+          )
+        new, start = graph.cluster_period(
+          feats,
+          labels,
+          num_target=target,
+          unfolding_rate=c.cluster.unfolding_rate,
+          with_start=True,
+          **_cluster_kwargs(c),
         )
-      new, start = graph.cluster_period(
-        feats,
-        labels,
-        num_target=target,
-        unfolding_rate=c.cluster.unfolding_rate,
-        with_start=True,
-        **_cluster_kwargs(c),
-      )
-      merges = start - (int(new.max()) + 1)
-      labels = new
+        merges = start - (int(new.max()) + 1)
+        labels = new
+      partial = {
+        'start': start,
+        'merges': merges,
+        'epochs_done': 0,
+        'loss_sum': 0.0,
+        'loss_count': 0,
+        'seconds': 0.0,
+      }
     num_clusters = int(labels.max()) + 1
     labels_dev = jax.device_put(jnp.asarray(labels, jnp.int32), sharding.replicated(m))
-    losses = []
-    for epoch in range(c.train.epochs_per_period):
+    for epoch in range(partial['epochs_done'], epochs):
       te = time.time()
       idx, valid = epoch_batches(n_s, c.train.batch_size, c.seed, period, epoch)
       epoch_losses = []
@@ -331,51 +365,45 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
         epoch_losses.append(metrics['loss'])
       epoch_losses = np.asarray(jnp.stack(epoch_losses))
       _check_finite(epoch_losses, period, int(state.step) - len(epoch_losses))
-      losses.append(epoch_losses)
+      partial['epochs_done'] = epoch + 1
+      partial['loss_sum'] += float(epoch_losses.astype(np.float64).sum())
+      partial['loss_count'] += len(epoch_losses)
       logging.info(
         'period %d epoch %d/%d: %d clusters, loss %.4f, lr %.5f, %.1fs',
         period,
         epoch + 1,
-        c.train.epochs_per_period,
+        epochs,
         num_clusters,
         epoch_losses.mean(),
         float(metrics['lr']),
         time.time() - te,
       )
+      if epoch + 1 < epochs:
+        partial['seconds'] += time.time() - t0
+        t0 = time.time()
+        save(done=False)
     entry = {
       'period': period,
-      'clusters_start': start,
+      'clusters_start': partial['start'],
       'clusters_end': num_clusters,
-      'merges': merges,
-      'epochs': c.train.epochs_per_period,
-      'loss_mean': float(np.concatenate(losses).mean()),
-      'seconds': round(time.time() - t0, 3),
+      'merges': partial['merges'],
+      'epochs': epochs,
+      'loss_mean': partial['loss_sum'] / max(partial['loss_count'], 1),
+      'seconds': round(partial['seconds'] + time.time() - t0, 3),
       'nmi_patches': patch_nmi(data.truth, labels),
     }
     history['periods'].append(entry)
-    done = num_clusters <= target and (merges == 0 or not c.train.final_period)
+    done = num_clusters <= target and (entry['merges'] == 0 or not c.train.final_period)
     period += 1
-    meta = {
-      'period': period,
-      'done': done,
-      'num_clusters': num_clusters,
-      'mean': data.mean,
-      'std': data.std,
-      'seed': c.seed,
-      'fingerprint': fp,
-      'config': json.loads(c.to_json_best_effort()),
-      'history': history,
-    }
-    checkpoint.save(
-      mgr, period, state, {'labels': labels.astype(np.int32), 'centres': data.centres}, meta
-    )
+    partial = None
+    save(done)
     files.write_json_atomic(os.path.join(workdir, HISTORY_FILE), history)
     logging.info(
       'period %d done: %d -> %d clusters (%d merges), loss %.4f, NMI %s, %.1fs',
       entry['period'],
-      start,
+      entry['clusters_start'],
       num_clusters,
-      merges,
+      entry['merges'],
       entry['loss_mean'],
       entry['nmi_patches'],
       entry['seconds'],

@@ -40,8 +40,8 @@ def _exists(*parts):
 
 MOMENTS = {
   'sampling': _exists('phantom', 'phantom.json'),
-  'between periods': _exists('checkpoints', '2'),
-  'training done': _exists('checkpoints', '4'),  # the smoke run's last period: segmentation next
+  'between periods': _exists('train_history.json'),
+  'training done': _exists('timings.json'),  # written when training ends: segmentation next
   'report': _exists('segmentation.nii.gz'),
 }
 
