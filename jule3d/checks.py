@@ -146,6 +146,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _int_at_least(c, 'segment.kmeans_restarts', 1)
   _int_at_least(c, 'segment.kmeans_max_fit', 2)
   _int_at_least(c, 'segment.batch_size', 1)
+  _int_at_least(c, 'segment.part_planes', 0)
   _require(
     s.feature_path in ('auto', 'dense', 'per_patch'),
     'segment.feature_path',

@@ -89,6 +89,23 @@ def _check_labels(values: np.ndarray, what: str) -> None:
     raise UserError(f'{what} holds negative values: expected labels >= 0.')
 
 
+def check_reference(labels) -> None:
+  """Reads a reference label volume once, slab by slab: every chunk readable, integer, >= 0.
+
+  Called when the inputs are resolved, so that a bad label volume fails in seconds rather than
+  after training.
+
+  Args:
+    labels: the reference Volume (config.data.labels).
+
+  Raises:
+    UserError: a damaged chunk, non-integer or negative labels, naming the volume.
+  """
+  with volume.read_errors(labels):
+    for _, slab in labels.slabs(baselines.slab_depth(labels.shape)):
+      _check_labels(slab, f'config.data.labels {labels.path!r}')
+
+
 def contingencies(reference, predictions: Mapping, *, slab_depth: int | None = None) -> dict:
   """Contingency tables of several predictions against one reference, in one streaming pass.
 
@@ -352,7 +369,8 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
   k = int(c.segment.num_segments)
   if not 1 <= k <= 255:
     raise UserError(f'config.segment.num_segments = {k}: expected 1..255 (uint8 labels).')
-  tables = contingencies(inputs.labels, {'jule3d': seg})
+  with volume.read_errors(seg):  # our own output, damaged on disk: rerun --mode=segment
+    tables = contingencies(inputs.labels, {'jule3d': seg})
   if not tables['jule3d'].total:
     raise UserError(
       f'config.data.labels {inputs.labels.path!r} has no annotated voxel (all 0): expected '

@@ -7,6 +7,7 @@ volume nor the label volume is ever whole in memory; the grid features are (M x 
 """
 
 import os
+import shutil
 import time
 
 import jax
@@ -20,6 +21,7 @@ from jule3d.errors import UserError
 SEGMENTATION = 'segmentation.zarr'
 SEGMENTATION_NIFTI = 'segmentation.nii.gz'
 FEATURES = 'features.npz'
+PROGRESS = '.segment_progress'  # feature parts of an unfinished segmentation
 # Fields that must agree between the config and the checkpoint's config for features to mean the
 # same thing.
 _MODEL_FIELDS = ('conv_features', 'kernel_size', 'pool_size', 'hidden_dim', 'embed_dim')
@@ -121,6 +123,44 @@ def grid_features(
   return feats
 
 
+def resumable_features(
+  compute, centres: np.ndarray, progress_dir: str, key: str, planes_per_part: int = 8
+) -> np.ndarray:
+  """Features of the grid in parts of a few grid planes, each saved on completion.
+
+  A killed segmentation resumes at the first part not on disk instead of starting over. Parts are
+  kept under `progress_dir/key` (key = checkpoint, patch size, stride and grid size, so a part is
+  never reused for another model or grid) and written atomically.
+
+  Args:
+    compute: centres [n, 3] -> features [n, D].
+    centres: [M, 3] grid centres in raster order.
+    progress_dir: folder for the parts (removed by the caller once the output is written).
+    key: identity of this grid and model.
+    planes_per_part: grid planes of axis 0 per part.
+
+  Returns:
+    [M, D] float32 features.
+  """
+  folder = os.path.join(progress_dir, key)
+  os.makedirs(folder, exist_ok=True)
+  planes = np.unique(centres[:, 0])
+  bounds = np.searchsorted(centres[:, 0], planes[::planes_per_part])
+  bounds = np.append(bounds, len(centres))
+  parts = []
+  for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    path = os.path.join(folder, f'part_{i:06d}.npy')
+    if os.path.exists(path):
+      parts.append(np.load(path))
+      continue
+    out = np.asarray(compute(centres[a:b]), np.float32)
+    tmp = os.path.join(folder, f'.part_{i:06d}.tmp.npy')
+    np.save(tmp, out)
+    os.replace(tmp, path)
+    parts.append(out)
+  return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
 def kmeans_labels(
   features: np.ndarray, k: int, seed: int, restarts: int, max_fit: int
 ) -> np.ndarray:
@@ -218,22 +258,29 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     flops['per_patch'] / 1e6,
     flops['dense'] / 1e6,
   )
-  if path == 'dense':
-    feats = dense.dense_grid_features(
-      inputs.image, centres, w, net, variables, meta['mean'], meta['std'], stride=s
-    )
-  else:
-    feats = grid_features(
+  embed_fn = model.make_embed_fn(net)
+
+  def compute(part: np.ndarray) -> np.ndarray:
+    if path == 'dense':
+      return dense.dense_grid_features(
+        inputs.image, part, w, net, variables, meta['mean'], meta['std'], stride=s
+      )
+    return grid_features(
       inputs.image,
-      centres,
+      part,
       w,
-      model.make_embed_fn(net),
+      embed_fn,
       variables,
       meta['mean'],
       meta['std'],
       c.segment.batch_size,
       slab_depth=s,
     )
+
+  key = f'{meta["fingerprint"]}-{meta["history"]["periods"][-1]["period"]}-{w}-{s}-{len(centres)}'
+  # Parts span >= 4 patch edges of axis 0, so re-reading the patch halo per part costs <= ~25%.
+  per_part = c.segment.part_planes or max(8, -(-4 * w // s))
+  feats = resumable_features(compute, centres, os.path.join(workdir, PROGRESS), key, per_part)
   t_feat = time.time() - t0
   labels = kmeans_labels(feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
   t_km = time.time() - t0 - t_feat
@@ -251,6 +298,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     tmp = os.path.join(workdir, '.' + FEATURES + '.tmp.npz')
     np.savez(tmp, centres=centres, features=feats, labels=labels)
     os.replace(tmp, os.path.join(workdir, FEATURES))
+  shutil.rmtree(os.path.join(workdir, PROGRESS), ignore_errors=True)
   summary = {
     'grid_patches': int(len(centres)),
     'feature_path': path,

@@ -182,6 +182,30 @@ def _labels_of_another_shape(tmp):
   return [*_path(image), f'--config.data.labels={labels}']
 
 
+def _labels_zarr_with_a_corrupt_chunk(tmp):
+  image = _npy(tmp, _image())
+  labels = np.zeros(SHAPE, np.uint8)
+  labels[5:25] = 1 + np.arange(30)[:, None] % 3  # every chunk holds labels: every chunk is stored
+  path = _zarr(tmp, labels, 'labels.zarr')
+  chunk = next(p for p in sorted(path.iterdir()) if not p.name.startswith('.'))
+  chunk.write_bytes(b'not a compressed chunk')
+  return [*_path(image), f'--config.data.labels={path}']
+
+
+def _negative_labels(tmp):
+  labels = np.zeros(SHAPE, np.int16)
+  labels[12, 3, 4] = -1
+  image = _npy(tmp, _image())
+  return [*_path(image), f'--config.data.labels={_npy(tmp, labels, "neg.npy")}']
+
+
+def _fractional_labels(tmp):
+  labels = np.ones(SHAPE, np.float32)
+  labels[7, 7, 7] = 1.5  # e.g. a probability map given where a label volume was meant
+  image = _npy(tmp, _image())
+  return [*_path(image), f'--config.data.labels={_npy(tmp, labels, "prob.npy")}']
+
+
 def _phantom_with_too_few_centres(tmp):
   # The phantom is generated into the workdir before the count fails: it must not stay there.
   return ['--config.patches.num_patches=100000']
@@ -245,6 +269,11 @@ CASES = {
   ),
   'NaN voxels': Case(_nan_voxels, 'nan.npy', 'replace them with a finite value'),
   'labels of another shape': Case(_labels_of_another_shape, 'labels.npy', 'must match the image'),
+  'labels zarr with a corrupt chunk': Case(
+    _labels_zarr_with_a_corrupt_chunk, 'labels.zarr', 'damaged'
+  ),
+  'negative labels': Case(_negative_labels, 'neg.npy', 'expected labels >= 0'),
+  'fractional labels': Case(_fractional_labels, 'prob.npy', 'expected integer labels'),
   # Config values.
   'unknown config field': Case(_args('--config.train.epochz=3'), 'epochz', 'configs/base.py'),
   'misspelled config section': Case(

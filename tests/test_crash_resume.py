@@ -15,12 +15,13 @@ from conftest import ROOT, run_cli
 from jule3d import volume
 
 CMD = ['--config=configs/smoke.py']
+SEGMENT_FLAGS = ['--config.segment.part_planes=1']
 
 
-def _kill_when(workdir: str, ready, timeout: float = 300) -> bool:
+def _kill_when(workdir: str, ready, flags=(), timeout: float = 300) -> bool:
   """Starts --mode=all, SIGKILLs it once ready(workdir) holds; True if it was killed mid-run."""
   proc = subprocess.Popen(
-    [sys.executable, os.path.join(ROOT, 'launch.py'), *CMD, f'--workdir={workdir}'],
+    [sys.executable, os.path.join(ROOT, 'launch.py'), *CMD, *flags, f'--workdir={workdir}'],
     cwd=ROOT,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
@@ -42,6 +43,8 @@ MOMENTS = {
   'sampling': _exists('phantom', 'phantom.json'),
   'between periods': _exists('train_history.json'),
   'training done': _exists('timings.json'),  # written when training ends: segmentation next
+  # One grid plane per feature part (SEGMENT_FLAGS): killed once the first part is saved.
+  'segmentation': _exists('.segment_progress', '*', 'part_*.npy'),
   'report': _exists('segmentation.nii.gz'),
 }
 
@@ -49,9 +52,14 @@ MOMENTS = {
 @pytest.mark.parametrize('moment', list(MOMENTS))
 def test_sigkill_then_rerun_gives_the_uninterrupted_result(smoke_run, tmp_path, moment):
   workdir = str(tmp_path / 'w')
-  killed = _kill_when(workdir, MOMENTS[moment])
+  flags = SEGMENT_FLAGS if moment == 'segmentation' else []
+  killed = _kill_when(workdir, MOMENTS[moment], flags)
   assert killed, f'the run ended before the {moment} moment was reached'
-  run_cli(*CMD, f'--workdir={workdir}', check=True)
+  if moment == 'segmentation':  # the rerun finds the saved part and does not compute it again
+    parts = glob.glob(os.path.join(workdir, '.segment_progress', '*', 'part_*.npy'))
+    assert parts and all(os.path.getsize(p) > 0 for p in parts)
+  run_cli(*CMD, *flags, f'--workdir={workdir}', check=True)
+  assert not os.path.exists(os.path.join(workdir, '.segment_progress'))
   seg = [volume.open_volume(os.path.join(w, 'segmentation.zarr')) for w in (smoke_run, workdir)]
   np.testing.assert_array_equal(*(s.read((0, 0, 0), s.shape) for s in seg))
   with (

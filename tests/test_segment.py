@@ -109,3 +109,31 @@ def test_mode_all_writes_the_report(smoke_run):
   assert all(0 <= v <= 1 for v in report['nmi'].values())
   assert set(report['timing_s']) >= {'train', 'segment', 'evaluate'}
   assert os.path.exists(os.path.join(smoke_run, 'report.md'))
+
+
+def test_features_resume_after_a_crash_without_recomputing_done_parts(tmp_path):
+  axes = [np.arange(2, 30, 3)] * 3
+  centres = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3).astype(np.int32)
+  calls = []
+  crash_at = [3]
+
+  def compute(part):
+    calls.append(len(part))
+    if len(calls) == crash_at[0]:
+      raise RuntimeError('killed')
+    return part.astype(np.float32) * 2.0
+
+  with pytest.raises(RuntimeError):
+    segment.resumable_features(compute, centres, str(tmp_path), 'k', planes_per_part=2)
+  done_before = len(calls) - 1
+  calls.clear()
+  crash_at[0] = None
+  got = segment.resumable_features(compute, centres, str(tmp_path), 'k', planes_per_part=2)
+  np.testing.assert_array_equal(got, centres * 2.0)
+  # 10 grid planes in parts of 2: 5 parts, 2 finished before the crash are not computed again.
+  assert done_before == 2 and len(calls) == 3
+  # Another key (model or grid) never reuses these parts.
+  other = segment.resumable_features(
+    lambda p: p * 3.0, centres, str(tmp_path), 'other', planes_per_part=2
+  )
+  np.testing.assert_array_equal(other, centres * 3.0)
