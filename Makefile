@@ -43,12 +43,6 @@ $(MNI_STAMP): requirements-mni152.txt $(STAMP)
 mni152: $(MNI_STAMP)
 	$(PY) launch.py --config=configs/mni152.py --workdir=runs/mni152 $(ARGS)
 
-bench: venv
-	$(PY) bench/bench_graph.py --write
-	$(PY) bench/bench_cnn.py --write
-	$(PY) bench/bench_sampling.py --write
-	$(PY) bench/bench_dense.py --write
-
 # PyTorch only for the comparison benchmark: its own virtualenv, never the project's .venv.
 TORCH_VENV := .venv-torch
 TORCH_STAMP := $(TORCH_VENV)/.torch-installed
@@ -59,6 +53,19 @@ $(TORCH_STAMP):
 
 bench-torch: venv $(TORCH_STAMP)
 	$(PY) bench/bench_torch.py --layers --write
+
+# Every benchmark, each rewriting its BENCHMARKS.md section and bench/results.json; the pipeline
+# benchmark last (its projection reads the others' figures).
+bench: venv $(TORCH_STAMP)
+	@start=$$(date +%s); set -e; \
+	$(PY) bench/bench_graph.py --write; \
+	$(PY) bench/bench_cnn.py --bf16 --write; \
+	$(PY) bench/bench_sampling.py --write; \
+	$(PY) bench/bench_dense.py --write; \
+	$(PY) bench/bench_torch.py --layers --write; \
+	$(PY) bench/profile_conv.py --write; \
+	$(PY) bench/bench_pipeline.py --write; \
+	echo "make bench: $$(( $$(date +%s) - start )) s"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -6,6 +6,7 @@ Modes: all (default: train -> segment -> evaluate), train, segment, evaluate. Ba
 gives one line on stderr and exit status 2.
 """
 
+import errno
 import logging
 import sys
 
@@ -94,6 +95,21 @@ def main(argv: list[str]) -> None:
     pipeline.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, overwrite=FLAGS.overwrite)
   except UserError as e:
     _fail(str(e))
+  except (OSError, ValueError) as e:
+    if not disk_full(e):
+      raise
+    _fail(
+      f'no space left on the device of --workdir {FLAGS.workdir!r} ({str(e).splitlines()[0]}): '
+      'free space there (or choose another --workdir) and rerun the same command; finished work '
+      'is kept and resumed, and no output is half-written under its final name.'
+    )
+
+
+def disk_full(e: BaseException) -> bool:
+  """True for a write that failed because the disk or the quota is full (OS or tensorstore)."""
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return True
+  return 'No space left on device' in str(e) or 'Disk quota exceeded' in str(e)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ import tensorstore as ts
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import write_section  # noqa: E402
+from bench.common import publish  # noqa: E402
 from configs import base, demo  # noqa: E402
 from jule3d import dense, model, patches, segment  # noqa: E402
 
@@ -68,9 +68,7 @@ def main() -> None:
       *rows,
     ]
   )
-  print(table)
-  if args.write:
-    write_section('Grid features: dense vs per-patch', 'bench/bench_dense.py --write', table)
+  publish('Grid features: dense vs per-patch', 'bench/bench_dense.py --write', table, args.write)
 
 
 if __name__ == '__main__':

@@ -106,11 +106,12 @@ def main() -> None:
     ),
   ]
   table = '| what | figure |\n|---|---|\n' + '\n'.join(f'| {a} | {b} |' for a, b in rows)
-  print(table)
-  if args.write:
-    common.write_section(
-      'Patch sampling and streaming (lung-C size)', 'bench/bench_sampling.py --write', table
-    )
+  common.publish(
+    'Patch sampling and streaming (lung-C size)',
+    'bench/bench_sampling.py --write',
+    table,
+    args.write,
+  )
 
 
 if __name__ == '__main__':

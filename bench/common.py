@@ -1,6 +1,7 @@
 """What every benchmark shares: machine description and BENCHMARKS.md section replacement."""
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -10,6 +11,7 @@ import subprocess
 BENCHMARKS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'BENCHMARKS.md'
 )
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json')
 
 
 def cpu_model() -> str:
@@ -71,6 +73,53 @@ def replace_section(title: str, body: str, path: str = BENCHMARKS) -> None:
   with open(tmp, 'w') as f:
     f.write(text.rstrip('\n') + '\n')
   os.replace(tmp, path)
+  if path == BENCHMARKS:
+    record(title, body)
+
+
+def markdown_tables(text: str) -> list[list[dict]]:
+  """The pipe tables of a markdown text, each as a list of {column header: cell text} rows.
+
+  Args:
+    text: markdown.
+
+  Returns:
+    One list of rows per table, in order.
+  """
+  tables, rows = [], []
+  for line in text.splitlines() + ['']:
+    if line.startswith('|'):
+      rows.append([cell.strip() for cell in line.strip().strip('|').split('|')])
+      continue
+    if len(rows) >= 2:
+      header = rows[0]
+      tables.append([dict(zip(header, r, strict=False)) for r in rows[2:]])
+    rows = []
+  return tables
+
+
+def record(title: str, body: str, path: str = RESULTS) -> None:
+  """Stores a BENCHMARKS.md section in bench/results.json: its date, text and parsed tables.
+
+  Args:
+    title: section title.
+    body: the section text.
+    path: results.json path.
+  """
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    results = {}
+  results[title] = {
+    'date': datetime.date.today().isoformat(),
+    'text': body.strip(),
+    'tables': markdown_tables(body),
+  }
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
 
 
 def put_section(section: str, path: str = BENCHMARKS) -> None:
@@ -93,3 +142,17 @@ def write_section(title: str, command: str, table: str) -> None:
     table: markdown figures.
   """
   replace_section(title, f'Measured {machine_line()}.\n\n`{command}`\n\n{table}')
+
+
+def publish(title: str, command: str, table: str, write: bool) -> None:
+  """Prints a benchmark's figures; with `write`, also stores them (write_section).
+
+  Args:
+    title: section title.
+    command: how to reproduce (run from the repo root).
+    table: markdown figures.
+    write: update BENCHMARKS.md and bench/results.json.
+  """
+  print(table)
+  if write:
+    write_section(title, command, table)

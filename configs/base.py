@@ -89,7 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.segment.checkpoint = ''  # Another run's workdir or checkpoint dir to segment with ('' = ours).
   c.segment.save_features = False  # Also write the grid features (features.npz) to the workdir.
   # Grid planes per saved feature part (a killed segmentation resumes at the first missing part);
-  # 0 = auto, about 4 patch edges of axis 0 so re-reading the patch halo per part stays cheap.
+  # 0 = auto: >= 8 patch edges of axis 0 (re-reading the halo per part stays cheap), in whole
+  # blocks of the dense path.
   c.segment.part_planes = 0
 
   # --- Evaluation (SPEC 6) --------------------------------------------------------------------

@@ -264,6 +264,34 @@ def _check(volume, centres: np.ndarray, patch_size: int, std: float) -> None:
       )
 
 
+def block_planes(
+  net: model.JuleCNN,
+  patch_size: int,
+  stride: int,
+  shape: tuple[int, int, int],
+  memory_mb: float = _DEFAULT_MEMORY_MB,
+) -> int:
+  """Grid planes of axis 0 per block that `dense_grid_features` uses on a volume of `shape`.
+
+  Blocks are laid on the volume's grid from its first plane, whatever the centres: a caller that
+  splits the centres into groups of whole blocks (multiples of this many grid planes) computes
+  every block once.
+
+  Args:
+    net: the network.
+    patch_size: odd patch edge w.
+    stride: the grid step.
+    shape: the volume shape.
+    memory_mb: the same budget as given to dense_grid_features.
+
+  Returns:
+    The block's extent in grid planes along axis 0.
+  """
+  h = patch_size // 2
+  grid = tuple(int(-(-(s - 2 * h) // stride)) for s in shape)
+  return int(_plan(_net_of(net, patch_size), stride, grid, memory_mb, None).t[0])
+
+
 def dense_grid_features(
   volume,
   centres: np.ndarray,

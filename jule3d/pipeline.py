@@ -12,6 +12,7 @@ Workdir layout:
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -23,6 +24,9 @@ from jule3d import checks, files, patches, volume
 from jule3d.errors import UserError
 
 MODES = ('all', 'train', 'segment', 'evaluate')
+# Free space a run needs besides its converted input and label volumes: checkpoints (the paper CNN
+# with optimiser state, times the kept few), training record, report and figures.
+MIN_FREE_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +65,10 @@ def resolve_inputs(
   _make_workdir(workdir)
   before = _entries(workdir)
   try:
+    _check_free_space(workdir, MIN_FREE_BYTES + _conversion_bytes(config.data.path))
     inputs = _open_inputs(config, workdir)
+    # The label volumes (zarr + NIfTI, compressed) take at most about one byte per voxel.
+    _check_free_space(workdir, MIN_FREE_BYTES + math.prod(inputs.image.shape))
     with volume.read_errors(inputs.image):
       if for_training:
         _check_enough_centres(inputs)
@@ -81,6 +88,22 @@ def resolve_inputs(
       for entry in sorted(_entries(workdir) - before, reverse=True):
         _remove(os.path.join(workdir, entry))
     raise
+
+
+def _conversion_bytes(path: str) -> int:
+  # A single-file input (NIfTI, TIFF, npy) is converted into a compressed zarr under cache/: about
+  # its own size. Chunked stores and folders are read in place or counted by the later check.
+  return os.path.getsize(path) if path and os.path.isfile(path) else 0
+
+
+def _check_free_space(workdir: str, need: int) -> None:
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise UserError(
+      f'--workdir {workdir!r} has {free / 2**20:,.0f} MiB free, this run needs at least '
+      f'{need / 2**20:,.0f} MiB (converted input, checkpoints, label volumes): free space there or '
+      'choose another --workdir.'
+    )
 
 
 def _entries(workdir: str) -> set[str]:

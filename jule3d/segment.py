@@ -124,13 +124,21 @@ def grid_features(
 
 
 def resumable_features(
-  compute, centres: np.ndarray, progress_dir: str, key: str, planes_per_part: int = 8
+  compute,
+  centres: np.ndarray,
+  progress_dir: str,
+  key: str,
+  planes_per_part: int,
+  origin: int = 0,
+  stride: int = 1,
 ) -> np.ndarray:
   """Features of the grid in parts of a few grid planes, each saved on completion.
 
   A killed segmentation resumes at the first part not on disk instead of starting over. Parts are
   kept under `progress_dir/key` (key = checkpoint, patch size, stride and grid size, so a part is
-  never reused for another model or grid) and written atomically.
+  never reused for another model or grid) and written atomically. Part p holds the centres on grid
+  planes [p * planes_per_part, (p + 1) * planes_per_part) of axis 0, grid plane = (z - origin) //
+  stride, so parts line up with the dense path's blocks when planes_per_part is a multiple of theirs.
 
   Args:
     compute: centres [n, 3] -> features [n, D].
@@ -138,17 +146,20 @@ def resumable_features(
     progress_dir: folder for the parts (removed by the caller once the output is written).
     key: identity of this grid and model.
     planes_per_part: grid planes of axis 0 per part.
+    origin: axis-0 coordinate of grid plane 0 (w // 2).
+    stride: grid step.
 
   Returns:
     [M, D] float32 features.
   """
   folder = os.path.join(progress_dir, key)
   os.makedirs(folder, exist_ok=True)
-  planes = np.unique(centres[:, 0])
-  bounds = np.searchsorted(centres[:, 0], planes[::planes_per_part])
-  bounds = np.append(bounds, len(centres))
+  part = (centres[:, 0].astype(np.int64) - origin) // stride // planes_per_part
+  bounds = np.flatnonzero(np.diff(part)) + 1
+  bounds = np.concatenate([[0], bounds, [len(centres)]]) if len(centres) else np.zeros(1, int)
   parts = []
-  for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+  for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    i = int(part[a])
     path = os.path.join(folder, f'part_{i:06d}.npy')
     if os.path.exists(path):
       parts.append(np.load(path))
@@ -278,9 +289,15 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     )
 
   key = f'{meta["fingerprint"]}-{meta["history"]["periods"][-1]["period"]}-{w}-{s}-{len(centres)}'
-  # Parts span >= 4 patch edges of axis 0, so re-reading the patch halo per part costs <= ~25%.
-  per_part = c.segment.part_planes or max(8, -(-4 * w // s))
-  feats = resumable_features(compute, centres, os.path.join(workdir, PROGRESS), key, per_part)
+  # Auto: parts of >= 8 patch edges along axis 0 (re-reading a patch's halo per part costs
+  # <= ~12%), in whole blocks of the dense path (no block computed twice).
+  per_part = c.segment.part_planes or max(8, -(-8 * w // s))
+  if path == 'dense':
+    blocks = dense.block_planes(net, w, s, inputs.image.shape)
+    per_part = -(-per_part // blocks) * blocks
+  feats = resumable_features(
+    compute, centres, os.path.join(workdir, PROGRESS), key, per_part, origin=w // 2, stride=s
+  )
   t_feat = time.time() - t0
   labels = kmeans_labels(feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
   t_km = time.time() - t0 - t_feat

@@ -45,6 +45,16 @@ def _access(path, mode, *args, **kwargs):
 os.access = _access
 """
 
+# A disk that is (nearly) full: shutil.disk_usage reports FAKE_FREE_BYTES free, as `df` would.
+_FAKE_FREE = """
+import os, shutil
+_real_usage = shutil.disk_usage
+def _usage(path):
+  u = _real_usage(path)
+  return type(u)(u.total, u.total - int(os.environ['FAKE_FREE_BYTES']), int(os.environ['FAKE_FREE_BYTES']))
+shutil.disk_usage = _usage
+"""
+
 
 def _image(seed: int = 0, shape=SHAPE) -> np.ndarray:
   # Above the smoke threshold (2000) almost everywhere: plenty of foreground centres.
@@ -206,6 +216,11 @@ def _fractional_labels(tmp):
   return [*_path(image), f'--config.data.labels={_npy(tmp, labels, "prob.npy")}']
 
 
+def _big_npy(tmp):
+  # 64 MiB of voxels to convert: more than the 300 MiB free minus the run's own 256 MiB.
+  return _path(_npy(tmp, np.full((256, 256, 256), 3000, np.float32), 'big.npy'))
+
+
 def _phantom_with_too_few_centres(tmp):
   # The phantom is generated into the workdir before the count fails: it must not stay there.
   return ['--config.patches.num_patches=100000']
@@ -232,6 +247,7 @@ class Case:
     workdir: 'new' (absent), 'existing' (holds files and an existing cache/), 'readonly' (existing,
       not writable), 'file' (an existing file), 'none' (no --workdir flag).
     unreadable: the input file is made unreadable.
+    free_bytes: the workdir's disk reports only this much free space (0: the real figure).
   """
 
   make: Callable[[pathlib.Path], list[str]]
@@ -239,6 +255,7 @@ class Case:
   fix: str
   workdir: str = 'new'
   unreadable: str = ''
+  free_bytes: int = 0
 
 
 CASES = {
@@ -316,6 +333,12 @@ CASES = {
   ),
   'workdir is a file': Case(_args(), 'is not a folder', 'choose a directory', workdir='file'),
   'read-only workdir': Case(_args(), 'not writable', 'choose a directory', workdir='readonly'),
+  'full workdir disk': Case(
+    _args(), 'MiB free', 'free space there', workdir='existing', free_bytes=100 << 20
+  ),
+  'input larger than the free space': Case(
+    _big_npy, 'MiB free', 'choose another --workdir', free_bytes=300 << 20
+  ),
 }
 
 
@@ -393,6 +416,12 @@ def test_bad_input_one_line_exit_2_workdir_untouched(name, tmp_path, monkeypatch
   if case.unreadable:
     _deny(inputs / case.unreadable, os.R_OK, monkeypatch)
   workdir = _prepare_workdir(case.workdir, tmp_path, monkeypatch)
+  if case.free_bytes:
+    site = tmp_path / 'fake_disk'
+    site.mkdir()
+    (site / 'sitecustomize.py').write_text(_FAKE_FREE)
+    monkeypatch.setenv('PYTHONPATH', str(site))
+    monkeypatch.setenv('FAKE_FREE_BYTES', str(case.free_bytes))
   before = _snapshot(workdir)
   workdir_flag = [] if case.workdir == 'none' else [f'--workdir={workdir}']
   config = [] if any(a.startswith('--config=') for a in args) else [SMOKE]

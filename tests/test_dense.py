@@ -144,3 +144,26 @@ def test_flops_and_choice():
   assert dense.choose_path(cfg, w, 40, (200, 200, 200)) == 'per_patch'
   # Few requested centres on a large grid: per patch wins.
   assert dense.choose_path(cfg, w, 2, (96, 96, 96), num_centres=10) == 'per_patch'
+
+
+def test_feature_parts_in_whole_blocks_reproduce_the_unsplit_features_bit_for_bit(tiny, tmp_path):
+  _, net, variables = tiny
+  arr = _random((70, 22, 24))
+  vol, s = _volume(arr), 2
+  centres = _grid(arr.shape, W, s)
+  kw = dict(stride=s, memory_mb=0.05)  # a small budget: several blocks along axis 0
+  blocks = dense.block_planes(net, W, s, arr.shape, memory_mb=0.05)
+  grid_planes = len(np.unique(centres[:, 0]))
+  assert 1 <= blocks < grid_planes // 2, (blocks, grid_planes)
+  whole = dense.dense_grid_features(vol, centres, W, net, variables, MEAN, STD, **kw)
+  calls = []
+
+  def compute(part):
+    calls.append(len(part))
+    return dense.dense_grid_features(vol, part, W, net, variables, MEAN, STD, **kw)
+
+  got = segment.resumable_features(
+    compute, centres, str(tmp_path), 'k', planes_per_part=blocks, origin=W // 2, stride=s
+  )
+  assert len(calls) == -(-grid_planes // blocks)
+  np.testing.assert_array_equal(got, whole)

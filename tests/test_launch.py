@@ -14,3 +14,34 @@ def test_later_modes_on_an_empty_workdir_say_what_to_run_first(tmp_path, mode):
   proc = run_cli(SMOKE, f'--workdir={tmp_path}', f'--mode={mode}')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert '--mode=' in proc.stderr.splitlines()[-1]
+
+
+# The disk fills up while the run writes its training record: syncing a train_history temporary
+# under the workdir fails with ENOSPC, as on a full disk (where write, flush or fsync fail).
+_FULL_DISK = """
+import errno, os
+_real_fsync = os.fsync
+def _fsync(fd):
+  name = os.readlink(f'/proc/self/fd/{fd}')
+  if name.startswith(os.environ['FULL_DISK_DIR']) and 'train_history' in name:
+    raise OSError(errno.ENOSPC, 'No space left on device', name)
+  return _real_fsync(fd)
+os.fsync = _fsync
+"""
+
+
+def test_a_disk_filling_up_mid_run_gives_one_line_and_the_rerun_finishes(tmp_path, monkeypatch):
+  workdir = tmp_path / 'w'
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(_FULL_DISK)
+  monkeypatch.setenv('PYTHONPATH', str(site))
+  monkeypatch.setenv('FULL_DISK_DIR', str(workdir))
+  proc = run_cli(SMOKE, f'--workdir={workdir}', '--mode=train')
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert lines[-1].startswith('error: no space left') and 'rerun the same command' in lines[-1]
+  assert not (workdir / 'train_history.json').exists()
+  monkeypatch.delenv('PYTHONPATH')
+  proc = run_cli(SMOKE, f'--workdir={workdir}', '--mode=train', check=True)
+  assert (workdir / 'train_history.json').exists()
