@@ -93,6 +93,12 @@ def get_config() -> ml_collections.ConfigDict:
   # blocks of the dense path.
   c.segment.part_planes = 0
 
+  # --- Several processes (multi-host; README "GPUs, TPUs and several devices") ------------------
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator = ''  # 'host:port' of process 0, 'auto' (SLURM, TPU pods), '' = one.
+  c.distributed.num_processes = 1  # Processes in the run (one per host, usually).
+  c.distributed.process_id = 0  # This process: 0 .. num_processes - 1 (0 writes the outputs).
+
   # --- Evaluation (SPEC 6) --------------------------------------------------------------------
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.kmeans_max_fit = 200_000  # Intensity k-means baseline fit on this many voxels.

@@ -125,7 +125,11 @@ def latest_meta(mgr: ocp.CheckpointManager) -> tuple[int, dict] | None:
 
 
 def restore(
-  mgr: ocp.CheckpointManager, step: int, state_like: Any, num_patches: int
+  mgr: ocp.CheckpointManager,
+  step: int,
+  state_like: Any,
+  num_patches: int,
+  state_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[Any, dict[str, np.ndarray], dict]:
   """Restores a checkpoint against the structure of `state_like` (an initialised TrainState).
 
@@ -134,11 +138,17 @@ def restore(
     step: which checkpoint.
     state_like: a TrainState with the right structure, shapes and dtypes (values unused).
     num_patches: n_s, for the data item's shapes.
+    state_sharding: where to place the restored state (e.g. replicated over every device of every
+      process); default: as `state_like`.
 
   Returns:
     (state, data, meta).
   """
   abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+  if state_sharding is not None:
+    abstract_state = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=state_sharding), abstract_state
+    )
   abstract_data = {
     'labels': jax.ShapeDtypeStruct((num_patches,), np.int32),
     'centres': jax.ShapeDtypeStruct((num_patches, 3), np.int32),

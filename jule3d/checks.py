@@ -147,6 +147,27 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _int_at_least(c, 'segment.kmeans_max_fit', 2)
   _int_at_least(c, 'segment.batch_size', 1)
   _int_at_least(c, 'segment.part_planes', 0)
+  procs = _int_at_least(c, 'distributed.num_processes', 1)
+  pid = _int_at_least(c, 'distributed.process_id', 0)
+  _require(
+    pid < procs,
+    'distributed.process_id',
+    pid,
+    f'0 .. distributed.num_processes - 1 = {procs - 1}',
+  )
+  coord = c.distributed.coordinator
+  _require(
+    coord in ('', 'auto') or (isinstance(coord, str) and coord.rpartition(':')[2].isdigit()),
+    'distributed.coordinator',
+    coord,
+    "'host:port' of process 0, 'auto' (cluster environment) or '' (one process)",
+  )
+  _require(
+    procs == 1 or coord != '',
+    'distributed.coordinator',
+    coord,
+    "'host:port' of process 0 when num_processes > 1",
+  )
   _require(
     s.feature_path in ('auto', 'dense', 'per_patch'),
     'segment.feature_path',

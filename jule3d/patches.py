@@ -289,6 +289,51 @@ def read_patches(volume, centres: np.ndarray, patch_size: int, slab_depth: int =
   return out
 
 
+def patch_sums(patches: np.ndarray, chunk: int = 512) -> np.ndarray:
+  """[sum, sum of squares, count] over all voxels of `patches`, in float64, chunk by chunk.
+
+  Args:
+    patches: [N, w, w, w] array.
+    chunk: patches summed at once (bounds the float64 temporaries).
+
+  Returns:
+    float64 [3].
+  """
+  total = 0.0
+  total_sq = 0.0
+  count = 0
+  for i in range(0, len(patches), chunk):
+    x = patches[i : i + chunk].astype(np.float64)
+    total += x.sum()
+    total_sq += np.square(x).sum()
+    count += x.size
+  return np.array([total, total_sq, count], np.float64)
+
+
+def stats_from_sums(sums: np.ndarray) -> tuple[float, float]:
+  """(mean, std) from patch_sums (added over several readers, if any).
+
+  Args:
+    sums: [sum, sum of squares, count].
+
+  Returns:
+    (mean, std) as Python floats.
+
+  Raises:
+    UserError: all patch voxels are identical (std 0): nothing to learn from.
+  """
+  total, total_sq, count = (float(v) for v in sums)
+  mean = total / count
+  var = max(total_sq / count - mean * mean, 0.0)
+  std = float(np.sqrt(var))
+  if not std > 0:
+    raise UserError(
+      'every voxel of the training patches has the same value: the volume has no texture to learn '
+      'from (check config.data.path and config.data.threshold).'
+    )
+  return float(mean), std
+
+
 def patch_stats(patches: np.ndarray, chunk: int = 512) -> tuple[float, float]:
   """Mean and std over all voxels of all training patches (SPEC 1 normalisation), float64 sums.
 
@@ -302,20 +347,4 @@ def patch_stats(patches: np.ndarray, chunk: int = 512) -> tuple[float, float]:
   Raises:
     UserError: all patch voxels are identical (std 0): nothing to learn from.
   """
-  total = 0.0
-  total_sq = 0.0
-  count = 0
-  for i in range(0, len(patches), chunk):
-    x = patches[i : i + chunk].astype(np.float64)
-    total += x.sum()
-    total_sq += np.square(x).sum()
-    count += x.size
-  mean = total / count
-  var = max(total_sq / count - mean * mean, 0.0)
-  std = float(np.sqrt(var))
-  if not std > 0:
-    raise UserError(
-      'every voxel of the training patches has the same value: the volume has no texture to learn '
-      'from (check config.data.path and config.data.threshold).'
-    )
-  return float(mean), std
+  return stats_from_sums(patch_sums(patches, chunk))

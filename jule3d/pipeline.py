@@ -20,7 +20,7 @@ import time
 import ml_collections
 from absl import logging
 
-from jule3d import checks, files, patches, volume
+from jule3d import checks, files, patches, sharding, volume
 from jule3d.errors import UserError
 
 MODES = ('all', 'train', 'segment', 'evaluate')
@@ -217,15 +217,28 @@ def run(
   """
   if mode not in MODES:
     raise UserError(f'--mode={mode!r}: expected one of {", ".join(MODES)}.')
-  inputs = resolve_inputs(
-    config,
-    workdir,
-    for_training=mode in ('all', 'train'),
-    for_segmenting=mode in ('all', 'segment'),
-  )
-  stale = files.remove_stale_temporaries(workdir)
-  if stale:
-    logging.info('removed %d temporaries left by an interrupted run', len(stale))
+  checks.validate_config(config)
+  sharding.initialize(config.distributed)
+  primary = sharding.is_primary()
+
+  def resolve():
+    return resolve_inputs(
+      config,
+      workdir,
+      for_training=mode in ('all', 'train'),
+      for_segmenting=mode in ('all', 'segment'),
+    )
+
+  # Several processes share the workdir: the primary generates or converts the inputs and clears
+  # stale temporaries, then the others open what it wrote.
+  if primary:
+    inputs = resolve()
+    stale = files.remove_stale_temporaries(workdir)
+    if stale:
+      logging.info('removed %d temporaries left by an interrupted run', len(stale))
+  sharding.barrier('jule3d-inputs')
+  if not primary:
+    inputs = resolve()
   if mode in ('all', 'train'):
     from jule3d import train
 
@@ -236,6 +249,9 @@ def run(
 
     with _timed(workdir, 'segment'):
       segment.segment(inputs, workdir, overwrite=overwrite or mode == 'all')
+  sharding.barrier('jule3d-segmented')
+  if not primary:
+    return None  # evaluation reads the finished label volume: one process does it
   if mode == 'evaluate' or (mode == 'all' and inputs.labels is not None):
     from jule3d import evaluate
 
@@ -252,6 +268,8 @@ TIMINGS = 'timings.json'
 def _timed(workdir: str, key: str):
   t0 = time.time()
   yield
+  if not sharding.is_primary():
+    return
   path = os.path.join(workdir, TIMINGS)
   timings = {}
   if os.path.exists(path):

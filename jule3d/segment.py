@@ -102,7 +102,7 @@ def grid_features(
     [M, embed_dim] float32.
   """
   feats = None
-  m = sharding.mesh()
+  m = sharding.mesh(local=True)  # each process embeds its own patches
   variables = jax.device_put(variables, sharding.replicated(m))
   done, next_log, t0 = 0, 0.1, time.time()
   for idx, raw in patches.iter_patches(image, centres, patch_size, slab_depth):
@@ -131,7 +131,8 @@ def resumable_features(
   planes_per_part: int,
   origin: int = 0,
   stride: int = 1,
-) -> np.ndarray:
+  owned=None,
+) -> np.ndarray | None:
   """Features of the grid in parts of a few grid planes, each saved on completion.
 
   A killed segmentation resumes at the first part not on disk instead of starting over. Parts are
@@ -148,27 +149,36 @@ def resumable_features(
     planes_per_part: grid planes of axis 0 per part.
     origin: axis-0 coordinate of grid plane 0 (w // 2).
     stride: grid step.
+    owned: part index -> whether this process computes it (several processes share the parts);
+      None: all of them.
 
   Returns:
-    [M, D] float32 features.
+    [M, D] float32 features, or None when parts owned by other processes are not on disk yet.
   """
   folder = os.path.join(progress_dir, key)
   os.makedirs(folder, exist_ok=True)
   part = (centres[:, 0].astype(np.int64) - origin) // stride // planes_per_part
   bounds = np.flatnonzero(np.diff(part)) + 1
   bounds = np.concatenate([[0], bounds, [len(centres)]]) if len(centres) else np.zeros(1, int)
-  parts = []
+  parts, complete = [], True
   for a, b in zip(bounds[:-1], bounds[1:], strict=True):
     i = int(part[a])
     path = os.path.join(folder, f'part_{i:06d}.npy')
     if os.path.exists(path):
       parts.append(np.load(path))
       continue
+    if owned is not None and not owned(i):
+      complete = False
+      continue
+    t0 = time.time()
     out = np.asarray(compute(centres[a:b]), np.float32)
+    logging.info('feature part %d: %d grid patches in %.1fs', i, b - a, time.time() - t0)
     tmp = os.path.join(folder, f'.part_{i:06d}.tmp.npy')
     np.save(tmp, out)
     os.replace(tmp, path)
     parts.append(out)
+  if not complete:
+    return None
   return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
@@ -295,9 +305,18 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   if path == 'dense':
     blocks = dense.block_planes(net, w, s, inputs.image.shape)
     per_part = -(-per_part // blocks) * blocks
-  feats = resumable_features(
-    compute, centres, os.path.join(workdir, PROGRESS), key, per_part, origin=w // 2, stride=s
-  )
+  progress = os.path.join(workdir, PROGRESS)
+  grid = {'origin': w // 2, 'stride': s}
+  procs, me = jax.process_count(), jax.process_index()
+  if procs > 1:
+    # Several processes: each computes every procs-th part of the grid (reading only those
+    # patches), then the primary gathers the parts from the shared workdir and writes the outputs.
+    owned = lambda i: i % procs == me  # noqa: E731
+    resumable_features(compute, centres, progress, key, per_part, owned=owned, **grid)
+    sharding.barrier('jule3d-features')
+    if not sharding.is_primary():
+      return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': me}
+  feats = resumable_features(compute, centres, progress, key, per_part, **grid)
   t_feat = time.time() - t0
   labels = kmeans_labels(feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
   t_km = time.time() - t0 - t_feat

@@ -48,15 +48,19 @@ class TrainingData:
   truth: np.ndarray | None  # reference label at each centre (0 = not annotated), if configured
 
 
-def load_training_data(inputs, centres: np.ndarray | None = None) -> TrainingData:
+def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> TrainingData:
   """Samples (or re-reads) the training patches and normalises them with their own statistics.
+
+  With several processes the patches become one global array split by rows: each process reads
+  only the rows of its own devices, and the statistics are summed over the processes.
 
   Args:
     inputs: pipeline.Inputs.
     centres: saved centres to re-read; None samples them from the config seed.
+    m: the device mesh (default: every device).
 
   Returns:
-    TrainingData.
+    TrainingData (patches on the devices: replicated, or split by rows over the processes).
   """
   c = inputs.config
   w = c.patches.patch_size
@@ -64,9 +68,25 @@ def load_training_data(inputs, centres: np.ndarray | None = None) -> TrainingDat
     centres = patches.sample_centres(
       inputs.image, c.patches.num_patches, w, c.data.threshold, c.data.foreground, c.seed
     )
-  raw = patches.read_patches(inputs.image, centres, w)
-  mean, std = patches.patch_stats(raw)
-  normalised = normalise(raw, mean, std)
+  m = m or sharding.mesh()
+  shape = (len(centres), w, w, w)
+  rows = sharding.row_sharding(m, len(centres))
+  if rows.is_fully_replicated:
+    raw = patches.read_patches(inputs.image, centres, w)
+    mean, std = patches.patch_stats(raw)
+    normalised = jax.device_put(normalise(raw, mean, std), rows)
+  else:
+    mine = sharding.local_rows(shape, rows)
+    logging.info(
+      'process %d reads its %d of the %d training patches',
+      jax.process_index(),
+      len(mine),
+      len(centres),
+    )
+    raw = patches.read_patches(inputs.image, centres[mine], w)
+    mean, std = patches.stats_from_sums(sharding.sum_over_processes(patches.patch_sums(raw)))
+    local = np.asarray(normalise(raw, mean, std))
+    normalised = sharding.put_rows(shape, rows, lambda r: local[np.searchsorted(mine, r)])
   del raw
   truth = None
   if inputs.labels is not None:
@@ -109,14 +129,14 @@ def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> n
   """
   n = data.shape[0]
   m = sharding.mesh()
+  take = jax.jit(lambda d, i: d[i])
   out = []
   for i in range(0, n, batch_size):
-    batch = data[i : i + batch_size]
-    short = batch_size - batch.shape[0]
-    if short:
-      batch = jnp.concatenate([batch, jnp.zeros((short,) + batch.shape[1:], batch.dtype)])
-    out.append(embed_fn(variables, sharding.put_batch(batch, m))[: batch_size - short])
-  return np.asarray(jnp.concatenate(out))
+    # The last batch repeats the last patch as padding (eval-mode BN: rows are independent).
+    idx = np.minimum(np.arange(i, i + batch_size), n - 1).astype(np.int32)
+    feats = embed_fn(variables, sharding.put_batch(take(data, idx), m))
+    out.append(sharding.to_host(feats)[: min(batch_size, n - i)])
+  return np.concatenate(out)
 
 
 @jax.jit
@@ -226,7 +246,9 @@ def _prepare_workdir(mgr, workdir: str, fp: str, overwrite: bool, keep: int):
       f'this config {fp}): use another --workdir, or --overwrite to delete them and start over.'
     )
   logging.warning('--overwrite: deleting checkpoints of another config in %s', workdir)
-  shutil.rmtree(checkpoint.checkpoint_dir(workdir))
+  if sharding.is_primary():
+    shutil.rmtree(checkpoint.checkpoint_dir(workdir))
+  sharding.barrier('jule3d-overwrite-checkpoints')
   return checkpoint.manager(workdir, keep=keep), None
 
 
@@ -256,11 +278,12 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
   state = objective.create_train_state(net, tx, jax.random.PRNGKey(c.seed), c.patches.patch_size)
   embed_fn = model.make_embed_fn(net)
   n_s = c.patches.num_patches
+  m = sharding.mesh()
 
   partial = None  # progress inside the current period: {'start', 'merges', 'epochs_done', ...}
   if resume is None:
     t0 = time.time()
-    data = load_training_data(inputs)
+    data = load_training_data(inputs, m=m)
     logging.info(
       'sampled %d patches of %d^3 in %.1fs (mean %.4g, std %.4g)',
       n_s,
@@ -274,14 +297,14 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     history = {'periods': [], 'nmi_patches_raw': None}
     if data.truth is not None:
       raw_labels = graph.agglomerate(
-        raw_features(data.patches), c.cluster.num_clusters, **_cluster_kwargs(c)
+        sharding.to_host(raw_features(data.patches)), c.cluster.num_clusters, **_cluster_kwargs(c)
       )
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
   else:
     step, meta = resume
-    state, saved, meta = checkpoint.restore(mgr, step, state, n_s)
-    data = load_training_data(inputs, centres=saved['centres'])
+    state, saved, meta = checkpoint.restore(mgr, step, state, n_s, sharding.replicated(m))
+    data = load_training_data(inputs, centres=saved['centres'], m=m)
     labels = saved['labels']
     period = int(meta['period'])
     partial = meta.get('partial')
@@ -294,11 +317,10 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       labels.max() + 1,
     )
 
-  # Data parallel over all local devices: parameters and the resident patches replicated, each
-  # batch split (jule3d/sharding.py). A no-op on one device.
-  m = sharding.mesh()
+  # Data parallel over all devices: parameters replicated, each batch split, the resident patches
+  # replicated (one process) or split by rows over the processes (jule3d/sharding.py). A no-op on
+  # one device.
   state = jax.device_put(state, sharding.replicated(m))
-  data.patches = jax.device_put(data.patches, sharding.replicated(m))
   epoch_step = make_epoch_step(net, tx, c.train, m)
   target = c.cluster.num_clusters
   epochs = c.train.epochs_per_period
@@ -328,7 +350,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
         merges = 0  # the extra period on the final labels
       else:
         if period == 0:
-          feats = raw_features(data.patches)
+          feats = sharding.to_host(raw_features(data.patches))
         else:
           feats = extract_features(
             embed_fn,
@@ -397,7 +419,8 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     period += 1
     partial = None
     save(done)
-    files.write_json_atomic(os.path.join(workdir, HISTORY_FILE), history)
+    if sharding.is_primary():
+      files.write_json_atomic(os.path.join(workdir, HISTORY_FILE), history)
     logging.info(
       'period %d done: %d -> %d clusters (%d merges), loss %.4f, NMI %s, %.1fs',
       entry['period'],

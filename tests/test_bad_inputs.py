@@ -319,6 +319,19 @@ CASES = {
   'foreground sideways': Case(
     _args('--config.data.foreground=sideways'), "'sideways'", "'above' or 'below'"
   ),
+  'process id out of range': Case(
+    _args('--config.distributed.num_processes=2', '--config.distributed.process_id=2'),
+    'distributed.process_id',
+    '0 .. distributed.num_processes - 1',
+  ),
+  'several processes, no coordinator': Case(
+    _args('--config.distributed.num_processes=2'), 'distributed.coordinator', "'host:port'"
+  ),
+  'coordinator without a port': Case(
+    _args('--config.distributed.coordinator=node0', '--config.distributed.num_processes=2'),
+    "'node0'",
+    "'host:port'",
+  ),
   'negative spacing': Case(
     _args('--config.data.spacing=(-0.03,0.03,0.03)'), 'data.spacing', 'positive numbers'
   ),
