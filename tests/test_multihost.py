@@ -7,9 +7,11 @@ the outputs. The result must equal the one-process run.
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 from conftest import ROOT
@@ -26,9 +28,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two(workdir: str, timeout: float = 400) -> list[str]:
+def _start_two(workdir: str, stderr=subprocess.PIPE) -> list[subprocess.Popen]:
   port = _free_port()
-  procs = [
+  return [
     subprocess.Popen(
       [
         sys.executable,
@@ -43,11 +45,15 @@ def _run_two(workdir: str, timeout: float = 400) -> list[str]:
       cwd=ROOT,
       env=dict(os.environ, PYTHONUNBUFFERED='1'),
       stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
+      stderr=stderr,
       text=True,
     )
     for i in range(2)
   ]
+
+
+def _run_two(workdir: str, timeout: float = 400) -> list[str]:
+  procs = _start_two(workdir)
   logs = []
   try:
     for p in procs:
@@ -75,3 +81,20 @@ def test_two_processes_share_the_work_and_give_the_one_process_result(smoke_run,
   np.testing.assert_array_equal(*(s.read((0, 0, 0), s.shape) for s in seg))
   assert os.path.exists(os.path.join(workdir, 'report.json'))
   assert not os.path.exists(os.path.join(workdir, '.segment_progress'))
+
+
+def test_two_processes_killed_between_periods_resume_to_the_same_result(smoke_run, tmp_path):
+  workdir = tmp_path / 'w'
+  procs = _start_two(str(workdir), stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / 'train_history.json').exists() and time.time() < deadline:
+    assert all(p.poll() is None for p in procs), 'a process ended before the first period'
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  assert not (workdir / 'segmentation.zarr').exists()
+  logs = _run_two(str(workdir))
+  assert 'resuming from checkpoint' in logs[0]
+  seg = [volume.open_volume(os.path.join(w, 'segmentation.zarr')) for w in (smoke_run, workdir)]
+  np.testing.assert_array_equal(*(s.read((0, 0, 0), s.shape) for s in seg))
