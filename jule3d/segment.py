@@ -6,6 +6,7 @@ stream from the volume slab by slab and the label volume is written slab by slab
 volume nor the label volume is ever whole in memory; the grid features are (M x embed_dim floats).
 """
 
+import concurrent.futures
 import os
 import shutil
 import time
@@ -182,6 +183,45 @@ def resumable_features(
   return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+def features_by_parts(
+  compute_on, devices: list, centres: np.ndarray, progress: str, key: str, per_part: int, grid: dict
+) -> np.ndarray | None:
+  """Grid features in resumable parts (resumable_features), dealt over devices and processes.
+
+  Worker j = (process, local device) computes parts j, j + W, j + 2W, ... (W workers in all), the
+  local devices in threads; then the primary process gathers every part from the shared workdir.
+
+  Args:
+    compute_on: device (an entry of `devices`) -> (centres -> features).
+    devices: this process's devices to deal parts over ([None]: one worker per process).
+    centres: [M, 3] grid centres in raster order.
+    progress: folder for the parts.
+    key: identity of the grid and model (resumable_features).
+    per_part: grid planes per part.
+    grid: {'origin', 'stride'} of the grid.
+
+  Returns:
+    [M, D] features in the primary process; None in the others.
+  """
+  procs, me, n = jax.process_count(), jax.process_index(), len(devices)
+  workers = procs * n
+  if workers > 1:
+
+    def work(d: int) -> None:
+      j = me * n + d
+      owned = lambda i: i % workers == j  # noqa: E731
+      resumable_features(
+        compute_on(devices[d]), centres, progress, key, per_part, owned=owned, **grid
+      )
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+      list(pool.map(work, range(n)))  # list(): re-raises a worker's exception here
+    sharding.barrier('jule3d-features')
+    if not sharding.is_primary():
+      return None
+  return resumable_features(compute_on(devices[0]), centres, progress, key, per_part, **grid)
+
+
 def kmeans_labels(
   features: np.ndarray, k: int, seed: int, restarts: int, max_fit: int
 ) -> np.ndarray:
@@ -282,10 +322,6 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   embed_fn = model.make_embed_fn(net)
 
   def compute(part: np.ndarray) -> np.ndarray:
-    if path == 'dense':
-      return dense.dense_grid_features(
-        inputs.image, part, w, net, variables, meta['mean'], meta['std'], stride=s
-      )
     return grid_features(
       inputs.image,
       part,
@@ -307,16 +343,20 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     per_part = -(-per_part // blocks) * blocks
   progress = os.path.join(workdir, PROGRESS)
   grid = {'origin': w // 2, 'stride': s}
-  procs, me = jax.process_count(), jax.process_index()
-  if procs > 1:
-    # Several processes: each computes every procs-th part of the grid (reading only those
-    # patches), then the primary gathers the parts from the shared workdir and writes the outputs.
-    owned = lambda i: i % procs == me  # noqa: E731
-    resumable_features(compute, centres, progress, key, per_part, owned=owned, **grid)
-    sharding.barrier('jule3d-features')
-    if not sharding.is_primary():
-      return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': me}
-  feats = resumable_features(compute, centres, progress, key, per_part, **grid)
+  if path == 'dense':
+    # The dense path runs one part per device: parts are dealt over every local device.
+    def compute_on(device):
+      on_device = jax.device_put(variables, device)
+      return lambda part: dense.dense_grid_features(
+        inputs.image, part, w, net, on_device, meta['mean'], meta['std'], stride=s
+      )
+
+    devices = jax.local_devices()
+  else:  # the per-patch path already splits each batch over the local devices
+    compute_on, devices = (lambda _: compute), [None]
+  feats = features_by_parts(compute_on, devices, centres, progress, key, per_part, grid)
+  if feats is None:
+    return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': jax.process_index()}
   t_feat = time.time() - t0
   labels = kmeans_labels(feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
   t_km = time.time() - t0 - t_feat

@@ -56,3 +56,48 @@ def test_one_and_four_devices_give_the_same_run(smoke_run, tmp_path):
   seg = [volume.open_volume(os.path.join(w, 'segmentation.zarr')) for w in (smoke_run, workdir)]
   a, b = (s.read((0, 0, 0), s.shape) for s in seg)
   np.testing.assert_array_equal(a, b)
+
+
+_DENSE_PARTS = """
+import collections, json, sys, tempfile, types
+import jax, numpy as np, tensorstore as ts
+from configs import base
+from jule3d import dense, model, patches, segment
+
+cfg = base.get_config().model
+cfg.conv_features, cfg.kernel_size, cfg.hidden_dim, cfg.embed_dim, cfg.init_std = (4, 5, 6), 3, 7, 5, 0.2
+net = model.build_model(cfg)
+v = jax.tree.map(np.asarray, model.init_variables(net, jax.random.key(0), 15))
+arr = np.random.default_rng(1).normal(100, 20, (70, 22, 24)).astype(np.float32)
+vol = types.SimpleNamespace(store=ts.array(arr), shape=arr.shape, dtype=arr.dtype)
+axes = patches.grid_axes(arr.shape, 15, 2)
+centres = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3).astype(np.int32)
+kw = dict(stride=2, memory_mb=0.05)
+whole = dense.dense_grid_features(vol, centres, 15, net, v, 100.0, 20.0, **kw)
+blocks = dense.block_planes(net, 15, 2, arr.shape, memory_mb=0.05)
+used = collections.Counter()
+
+def compute_on(device):
+  on_device = jax.device_put(v, device)
+  def compute(part):
+    used[str(device)] += 1
+    return dense.dense_grid_features(vol, part, 15, net, on_device, 100.0, 20.0, **kw)
+  return compute
+
+got = segment.features_by_parts(
+  compute_on, jax.local_devices(), centres, tempfile.mkdtemp(), 'k', blocks,
+  {'origin': 7, 'stride': 2},
+)
+print(json.dumps({'equal': bool(np.array_equal(got, whole)), 'devices': len(used),
+                  'parts': sum(used.values()) - used[str(jax.local_devices()[0])]}))
+"""
+
+
+def test_dense_feature_parts_are_dealt_over_four_devices_with_unchanged_features():
+  out = subprocess.run(
+    [sys.executable, '-c', _DENSE_PARTS], cwd=ROOT, env=FOUR, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  # Parts computed on all 4 devices, and the assembled features equal the one-call features.
+  assert result['equal'] and result['devices'] == 4 and result['parts'] > 0, result
