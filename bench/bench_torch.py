@@ -15,7 +15,7 @@ are the best of --repeats rounds.
 
   .venv/bin/python bench/bench_torch.py            # prints the table only
   .venv/bin/python bench/bench_torch.py --write    # also updates `## CNN vs PyTorch` in BENCHMARKS.md
-  .venv/bin/python bench/bench_torch.py --layers   # adds a per-layer forward timing table
+  .venv/bin/python bench/bench_torch.py --layers   # adds per-stage forward and training tables
 """
 
 import argparse
@@ -41,6 +41,17 @@ MATMUL = (4096, 1024, 4096)
 
 # ---------------------------------------------------------------------------------------------
 # PyTorch side (runs under .venv-torch; imports torch only, never jax or the project).
+
+# The network's stages, as indices into the torch nn.Sequential (the jule3d side mirrors them).
+STAGES = {
+  'conv1': [0],
+  'bn1+relu+pool': [1, 2, 3],
+  'conv2': [4],
+  'bn2+relu': [5, 6],
+  'conv3': [7],
+  'bn3+relu': [8, 9],
+  'fc1+fc2': [10, 11, 12, 13],
+}
 
 
 def _torch_worker() -> None:
@@ -145,11 +156,9 @@ def _torch_worker() -> None:
     # Forward time of each stage on its real input shape (inference mode), seconds per batch.
     net, x = env['net'], env['x']
     net.eval()
-    stages = {'conv1': [0], 'bn1+relu+pool': [1, 2, 3], 'conv2': [4], 'bn2+relu': [5, 6]}
-    stages.update({'conv3': [7], 'bn3+relu': [8, 9], 'fc1+fc2': [10, 11, 12, 13]})
     res = {}
     with torch.inference_mode():
-      for name, idx in stages.items():
+      for name, idx in STAGES.items():
         fn = lambda t, idx=idx: nn.Sequential(*[net[i] for i in idx])(t)
         fn(x)
         best = float('inf')
@@ -159,6 +168,34 @@ def _torch_worker() -> None:
           best = min(best, time.perf_counter() - t0)
         res[name] = best
         x = y
+    return res
+
+  def layers_train():
+    # Forward + backward of each stage in training mode (batch-statistics BN), seconds per batch:
+    # gradients for the stage's parameters and (after the first stage) for its input.
+    net, x = env['net'], env['x']
+    net.train()
+    res = {}
+    for name, idx in STAGES.items():
+      seq = nn.Sequential(*[net[i] for i in idx])
+      inp = x.detach().requires_grad_(idx[0] > 0)
+      g = torch.randn_like(seq(inp))
+
+      def step(seq=seq, inp=inp, g=g):
+        net.zero_grad(set_to_none=True)
+        inp.grad = None
+        y = seq(inp)
+        y.backward(g)
+        return y
+
+      step()
+      best = float('inf')
+      for _ in range(3):
+        t0 = time.perf_counter()
+        y = step()
+        best = min(best, time.perf_counter() - t0)
+      res[name] = best
+      x = y.detach()
     return res
 
   def matmul(cmd):
@@ -193,6 +230,8 @@ def _torch_worker() -> None:
       reply = matmul(cmd)
     elif op == 'layers':
       reply = layers()
+    elif op == 'layers_train':
+      reply = layers_train()
     else:
       raise ValueError(f'unknown op {op!r}')
     out.write(json.dumps(reply) + '\n')
@@ -302,17 +341,22 @@ def _jax_side(batch: int, seed: int) -> dict[str, Any]:
   }
 
 
-def _jax_layers(cfg: Any, variables: dict[str, Any], patch: int, batch: int) -> dict[str, float]:
-  """Forward time of each stage of the im2col network on its real input shape (eval mode).
+def _jax_layers(
+  cfg: Any, variables: dict[str, Any], patch: int, batch: int, train: bool = False
+) -> dict[str, float]:
+  """Time of each stage of the im2col network on its real input shape, seconds per batch.
 
   Args:
     cfg: config (paper model).
     variables: {'params', 'batch_stats'}.
     patch: patch edge.
     batch: patches per call.
+    train: False: forward in eval mode (running-statistics BN). True: forward + backward in
+      training mode (batch-statistics BN), gradients for the stage's parameters and, after the
+      first stage, for its input, as in training.
 
   Returns:
-    {stage name: best seconds per batch}, stages as in the torch worker's `layers`.
+    {stage name: best seconds per batch}, stages as in the torch worker's STAGES.
   """
   import jax
   import jax.numpy as jnp
@@ -323,46 +367,63 @@ def _jax_layers(cfg: Any, variables: dict[str, Any], patch: int, batch: int) -> 
   eps = float(cfg.model.bn_epsilon)
 
   def conv(name):
-    return lambda x: model_lib.im2col_conv3d(x, p[name]['kernel']) + p[name]['bias']
+    return lambda q, x: model_lib.im2col_conv3d(x, q['kernel']) + q['bias']
 
   def bn_relu(name, pool=False):
-    def fn(x):
-      y = (x - s[name]['mean']) / jnp.sqrt(s[name]['var'] + eps) * p[name]['scale'] + p[name][
-        'bias'
-      ]
-      y = jax.nn.relu(y)
+    def fn(q, x):
+      if train:
+        mean, var = jnp.mean(x, axis=(0, 1, 2, 3)), jnp.var(x, axis=(0, 1, 2, 3))
+      else:
+        mean, var = s[name]['mean'], s[name]['var']
+      y = jax.nn.relu((x - mean) / jnp.sqrt(var + eps) * q['scale'] + q['bias'])
       return model_lib.max_pool3d(y, int(cfg.model.pool_size)) if pool else y
 
     return fn
 
-  def fc(x):
+  def fc(q, x):
     x = x.reshape(x.shape[0], -1)
-    h = jax.nn.relu(x @ p['fc1']['kernel'] + p['fc1']['bias'])
-    return model_lib.l2_normalize(h @ p['fc2']['kernel'] + p['fc2']['bias'])
+    h = jax.nn.relu(x @ q['fc1']['kernel'] + q['fc1']['bias'])
+    return model_lib.l2_normalize(h @ q['fc2']['kernel'] + q['fc2']['bias'])
 
   stages = {
-    'conv1': conv('conv1'),
-    'bn1+relu+pool': bn_relu('bn1', pool=True),
-    'conv2': conv('conv2'),
-    'bn2+relu': bn_relu('bn2'),
-    'conv3': conv('conv3'),
-    'bn3+relu': bn_relu('bn3'),
-    'fc1+fc2': fc,
+    'conv1': (conv('conv1'), p['conv1']),
+    'bn1+relu+pool': (bn_relu('bn1', pool=True), p['bn1']),
+    'conv2': (conv('conv2'), p['conv2']),
+    'bn2+relu': (bn_relu('bn2'), p['bn2']),
+    'conv3': (conv('conv3'), p['conv3']),
+    'bn3+relu': (bn_relu('bn3'), p['bn3']),
+    'fc1+fc2': (fc, {'fc1': p['fc1'], 'fc2': p['fc2']}),
   }
   x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, patch, patch, patch, 1)))
   x = x.astype(jnp.float32)
   res = {}
-  for name, fn in stages.items():
-    f = jax.jit(fn)
-    y = jax.block_until_ready(f(x))
+  for i, (name, (fn, q)) in enumerate(stages.items()):
+    y = jax.jit(fn)(q, x)
+    if not train:
+      f = jax.jit(fn)
+    elif i == 0:  # the network's input needs no gradient
+      f = jax.jit(lambda q, x, g, fn=fn: jax.vjp(lambda q: fn(q, x), q)[1](g))
+    else:
+      f = jax.jit(lambda q, x, g, fn=fn: jax.vjp(fn, q, x)[1](g))
+    args = (q, x) if not train else (q, x, jnp.ones_like(y))
+    jax.block_until_ready(f(*args))
     best = float('inf')
     for _ in range(3):
       t0 = time.perf_counter()
-      jax.block_until_ready(f(x))
+      jax.block_until_ready(f(*args))
       best = min(best, time.perf_counter() - t0)
     res[name] = best
     x = y
   return res
+
+
+def _stage_rows(jl: dict[str, float], tl: dict[str, float]) -> list[str]:
+  rows = [
+    f'| {name} | {jl[name] * 1e3:.0f} | {tl[name] * 1e3:.0f} | {tl[name] / jl[name]:.2f} |'
+    for name in jl
+  ]
+  jsum, tsum = sum(jl.values()), sum(tl.values())
+  return rows + [f'| sum | {jsum * 1e3:.0f} | {tsum * 1e3:.0f} | {tsum / jsum:.2f} |']
 
 
 def _best(runs: list[dict[str, Any]]) -> tuple[float, float]:
@@ -445,19 +506,12 @@ def run(args: argparse.Namespace) -> str:
         flush=True,
       )
 
-    layer_rows = []
+    layer_rows = {}
     if args.layers:
-      jl = _jax_layers(cfg, jx['variables'], jx['patch'], args.batch)
-      time.sleep(SETTLE_S)
-      tl = worker('layers')
-      for name in jl:
-        layer_rows.append(
-          f'| {name} | {jl[name] * 1e3:.0f} | {tl[name] * 1e3:.0f} | {tl[name] / jl[name]:.2f} |'
-        )
-      layer_rows.append(
-        f'| sum | {sum(jl.values()) * 1e3:.0f} | {sum(tl.values()) * 1e3:.0f} | '
-        f'{sum(tl.values()) / sum(jl.values()):.2f} |'
-      )
+      for kind, train in (('layers', False), ('layers_train', True)):
+        jl = _jax_layers(cfg, jx['variables'], jx['patch'], args.batch, train=train)
+        time.sleep(SETTLE_S)
+        layer_rows[kind] = _stage_rows(jl, worker(kind))
   finally:
     worker.close()
   load_end = os.getloadavg()[0]
@@ -537,15 +591,23 @@ def run(args: argparse.Namespace) -> str:
     '',
     *verdicts,
   ]
-  if layer_rows:
+  titles = {
+    'layers': f'Forward (inference) time per stage, ms per batch of {b}, each stage jitted / run '
+    'alone on its real input (best of 3):',
+    'layers_train': f'Training time per stage (forward + backward, batch-statistics BN; parameter '
+    f'gradients, and input gradients after conv1), ms per batch of {b}, each stage jitted / run '
+    'alone on its real input (best of 3); the full step adds the triplet loss and the SGD update '
+    f'(full step, best of {args.repeats}: jule3d {b / res["train"][0] * 1e3:.0f} ms, PyTorch '
+    f'{b / res["train"][1] * 1e3:.0f} ms):',
+  }
+  for kind, stage_rows in layer_rows.items():
     lines += [
       '',
-      f'Forward (inference) time per stage, ms per batch of {b}, each stage jitted / run alone on '
-      'its real input (best of 3):',
+      titles[kind],
       '',
       '| stage | jule3d ms | PyTorch ms | ratio PyTorch/jule3d |',
       '|---|---|---|---|',
-      *layer_rows,
+      *stage_rows,
     ]
   lines.append('')
   return '\n'.join(lines)
@@ -556,7 +618,7 @@ def main() -> None:
   p.add_argument('--batch', type=int, default=100, help='patches per call (paper: 100)')
   p.add_argument('--repeats', type=int, default=5, help='timed rounds after the warm-up')
   p.add_argument('--seed', type=int, default=0, help='seed of the patches, labels and init')
-  p.add_argument('--layers', action='store_true', help='add per-stage forward timings')
+  p.add_argument('--layers', action='store_true', help='add per-stage forward and training timings')
   p.add_argument('--torch-python', default=TORCH_PY, help='python of the torch virtualenv')
   p.add_argument('--write', action='store_true', help='update BENCHMARKS.md')
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
