@@ -85,8 +85,8 @@ def grid_features(
 ) -> np.ndarray:
   """CNN features at every grid centre, streamed: read a slab of patches, embed, keep the features.
 
-  Memory: one read box (slab_depth grid planes + a patch of halo) and its patches in the volume's
-  dtype; float32 copies are made per batch only.
+  Memory: one read box (slab_depth grid planes + a patch of halo), its patches and fewer than a
+  batch held over from earlier slabs, in the volume's dtype; float32 copies are made per batch only.
 
   Args:
     image: the Volume.
@@ -105,22 +105,41 @@ def grid_features(
   feats = None
   m = sharding.mesh(local=True)  # each process embeds its own patches
   variables = jax.device_put(variables, sharding.replicated(m))
-  done, next_log, t0 = 0, 0.1, time.time()
+
+  def embed(idx: np.ndarray, raw: np.ndarray) -> None:
+    nonlocal feats
+    x = (raw.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    n = len(x)
+    if n < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
+    out = np.asarray(embed_fn(variables, sharding.put_batch(x, m)))[:n]
+    if feats is None:
+      feats = np.empty((len(centres), out.shape[1]), np.float32)
+    feats[idx] = out
+
+  # Batches are filled across slabs: a grid plane of a small volume can hold fewer patches than a
+  # batch, and padding each plane's last batch wasted most of every call there (measured: paper CNN,
+  # 64^3 volume, stride 5, 64 patches a plane: 28 instead of ~120 patches/s).
+  held_idx, held = [], []  # read, not yet embedded: fewer than a batch
+  read, next_log, t0 = 0, 0.1, time.time()
   for idx, raw in patches.iter_patches(image, centres, patch_size, slab_depth):
-    for i in range(0, len(raw), batch_size):
-      x = (raw[i : i + batch_size].astype(np.float32) - np.float32(mean)) / np.float32(std)
-      n = len(x)
-      if n < batch_size:
-        x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
-      out = np.asarray(embed_fn(variables, sharding.put_batch(x, m)))[:n]
-      if feats is None:
-        feats = np.empty((len(centres), out.shape[1]), np.float32)
-      feats[idx[i : i + n]] = out
-    done += len(idx)
+    held_idx.append(idx)
+    held.append(raw)
+    read += len(idx)
+    count = sum(len(i) for i in held_idx)
+    last = read == len(centres)
+    if count < batch_size and not last:
+      continue
+    idx, raw = np.concatenate(held_idx), np.concatenate(held)
+    full = count if last else count // batch_size * batch_size
+    for i in range(0, full, batch_size):
+      embed(idx[i : i + batch_size], raw[i : i + batch_size])
+    held_idx, held = [idx[full:]], [raw[full:]]
+    done = read - (count - full)
     if done >= next_log * len(centres):
       rate = done / max(time.time() - t0, 1e-9)
       logging.info('features: %d/%d grid patches (%.0f patches/s)', done, len(centres), rate)
-      next_log += 0.1
+      next_log = done / len(centres) + 0.1
   return feats
 
 

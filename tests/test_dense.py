@@ -167,3 +167,25 @@ def test_feature_parts_in_whole_blocks_reproduce_the_unsplit_features_bit_for_bi
   )
   assert len(calls) == -(-grid_planes // blocks)
   np.testing.assert_array_equal(got, whole)
+
+
+def test_per_patch_batches_span_grid_planes(tiny):
+  # A grid plane of this volume holds 5 x 6 = 30 patches, a batch 64: batches must be filled across
+  # planes (ceil(M / 64) calls, not one padded call per plane), each centre keeping its own features.
+  _, net, variables = tiny
+  vol = _volume(_random((40, 23, 25)))
+  centres = _grid(vol.shape, W, 2)
+  fn = model.make_embed_fn(net)
+  calls = []
+
+  def counted(v, x):
+    calls.append(len(x))
+    return fn(v, x)
+
+  got = segment.grid_features(vol, centres, W, counted, variables, MEAN, STD, 64, slab_depth=2)
+  assert len(centres) == 13 * 5 * 6 and calls == [64] * -(-len(centres) // 64)
+  raw = patches.read_patches(vol, centres, W)
+  want = np.concatenate(
+    [np.asarray(fn(variables, (raw[i : i + 64] - MEAN) / STD)) for i in range(0, len(raw), 64)]
+  )
+  np.testing.assert_allclose(got, want, atol=1e-5)
