@@ -77,9 +77,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 class _QuietLibraries(logging.Filter):
-  # orbax logs every save step at INFO; keep our progress lines readable.
+  # orbax logs every save step at INFO, and JAX logs each accelerator backend it did not find
+  # ("Unable to initialize backend 'tpu'") at INFO on every CPU run: keep our progress lines readable.
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+    if record.levelno >= logging.WARNING:
+      return True
+    if record.pathname.endswith('xla_bridge.py'):
+      return not str(record.msg).startswith('Unable to initialize backend')
+    return '/orbax/' not in record.pathname
 
 
 def main(argv: list[str]) -> None:
