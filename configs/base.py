@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.patches = ml_collections.ConfigDict()
   c.patches.patch_size = 27  # w: patch edge in voxels (odd, so a patch has a centre voxel).
   c.patches.num_patches = 10_000  # n_s: random training patches with a foreground centre.
+  # Extension (not in the paper): replace the air around the specimen by the specimen's mean in
+  # every patch the CNN sees, so segments follow tissue, not the rim (jule3d/specimen.py).
+  c.patches.mask_outside = False
+  c.patches.outside_block = 4  # Holes narrower than this (voxels) onto the surface stay inside.
 
   # --- CNN (SPEC 2) -------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()

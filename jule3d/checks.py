@@ -77,6 +77,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   w = _int_at_least(c, 'patches.patch_size', 1)
   _require(w % 2 == 1, 'patches.patch_size', w, 'an odd number (a patch needs a centre voxel)')
   n_s = _int_at_least(c, 'patches.num_patches', 2)
+  _int_at_least(c, 'patches.outside_block', 1)
 
   m = c.model
   _require(

@@ -31,11 +31,21 @@ MIN_FREE_BYTES = 256 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-  """The resolved run: the config with the data paths filled in, the opened volumes."""
+  """The resolved run: the config with the data paths filled in, the opened volumes.
+
+  `content` is what patches are cut from: the image itself, or its specimen-masked copy when
+  config.patches.mask_outside (jule3d/specimen.py); foreground, grid and baselines use `image`.
+  """
 
   config: ml_collections.ConfigDict
   image: volume.Volume
   labels: volume.Volume | None
+  content: volume.Volume | None = None
+
+  @property
+  def patch_source(self) -> volume.Volume:
+    """The volume patches are read from (`content`, else `image`)."""
+    return self.content if self.content is not None else self.image
 
 
 def resolve_inputs(
@@ -167,7 +177,15 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
   logging.info(
     'volume %s: shape %s, %s, spacing %s', d.path, image.shape, image.dtype, image.spacing
   )
-  return Inputs(config=config, image=image, labels=labels)
+  content = None
+  if config.patches.mask_outside:
+    from jule3d import specimen
+
+    with volume.read_errors(image):
+      content = specimen.masked_volume(
+        image, d.threshold, d.foreground, config.patches.outside_block, cache, d.cache_chunk
+      )
+  return Inputs(config=config, image=image, labels=labels, content=content)
 
 
 def _check_enough_centres(inputs: Inputs) -> None:

@@ -342,7 +342,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
 
   def compute(part: np.ndarray) -> np.ndarray:
     return grid_features(
-      inputs.image,
+      inputs.patch_source,
       part,
       w,
       embed_fn,
@@ -367,7 +367,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     def compute_on(device):
       on_device = jax.device_put(variables, device)
       return lambda part: dense.dense_grid_features(
-        inputs.image, part, w, net, on_device, meta['mean'], meta['std'], stride=s
+        inputs.patch_source, part, w, net, on_device, meta['mean'], meta['std'], stride=s
       )
 
     devices = jax.local_devices()

@@ -72,7 +72,7 @@ def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> Tra
   shape = (len(centres), w, w, w)
   rows = sharding.row_sharding(m, len(centres))
   if rows.is_fully_replicated:
-    raw = patches.read_patches(inputs.image, centres, w)
+    raw = patches.read_patches(inputs.patch_source, centres, w)
     mean, std = patches.patch_stats(raw)
     normalised = jax.device_put(normalise(raw, mean, std), rows)
   else:
@@ -83,7 +83,7 @@ def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> Tra
       len(mine),
       len(centres),
     )
-    raw = patches.read_patches(inputs.image, centres[mine], w)
+    raw = patches.read_patches(inputs.patch_source, centres[mine], w)
     mean, std = patches.stats_from_sums(sharding.sum_over_processes(patches.patch_sums(raw)))
     local = np.asarray(normalise(raw, mean, std))
     normalised = sharding.put_rows(shape, rows, lambda r: local[np.searchsorted(mine, r)])

@@ -310,6 +310,11 @@ CASES = {
     _args('--config.cluster.num_clusters=1000'), 'num_clusters = 1000', 'fewer clusters'
   ),
   'K < 2': Case(_args('--config.segment.num_segments=1'), 'num_segments', '>= 2'),
+  'zero outside block': Case(
+    _args('--config.patches.mask_outside=True', '--config.patches.outside_block=0'),
+    'patches.outside_block',
+    '>= 1',
+  ),
   'K > 255': Case(_args('--config.segment.num_segments=300'), 'num_segments', 'at most 255'),
   'K more than the grid patches': Case(
     _more_segments_than_grid_patches, 'num_segments = 200', 'lower the stride or K', 'existing'

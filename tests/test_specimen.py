@@ -1,0 +1,87 @@
+"""Outside-the-specimen masking: the air around the specimen goes, enclosed air and tissue stay."""
+
+import numpy as np
+import pytest
+
+from jule3d import patches, specimen, volume
+
+AIR, TISSUE, THRESHOLD = 1000, 3000, 2000
+
+
+@pytest.fixture(scope='module')
+def ball(tmp_path_factory):
+  """A tissue ball in air, with an enclosed air cavity and a 1-voxel channel onto its surface."""
+  n = 40
+  z, y, x = np.ogrid[:n, :n, :n]
+  r = np.sqrt((z - 20.0) ** 2 + (y - 21.0) ** 2 + (x - 19.0) ** 2)
+  image = np.full((n, n, n), AIR, np.uint16)
+  image[r <= 13] = TISSUE
+  cavity = r <= 4
+  image[cavity] = AIR
+  image[20, 21, 19:33] = AIR  # from the cavity out through the surface, narrower than a block
+  path = str(tmp_path_factory.mktemp('ball') / 'ball.zarr')
+  volume.save_zarr(path, image, (0.5, 0.5, 0.5))
+  return volume.open_volume(path), image, cavity, r
+
+
+def test_outside_filled_tissue_and_enclosed_air_kept(ball, tmp_path):
+  vol, image, cavity, r = ball
+  masked = specimen.masked_volume(vol, THRESHOLD, 'above', 4, str(tmp_path))
+  out = masked.read((0, 0, 0), masked.shape)
+  assert (masked.shape, masked.dtype, masked.spacing) == (vol.shape, vol.dtype, vol.spacing)
+  near, fill = specimen.coarse_outside(vol, THRESHOLD, 'above', 4)
+  fill = int(np.rint(fill))
+  tissue = image >= THRESHOLD
+  np.testing.assert_array_equal(out[tissue], image[tissue])  # foreground never changes
+  assert np.all(out[cavity] == AIR)  # enclosed air is texture, not outside
+  far = r >= 13 + 2 * 4 * np.sqrt(3)  # two blocks away from the surface: surely outside
+  assert np.all(out[far] == fill)
+  assert np.all((out[r > 13] == fill) | (out[r > 13] == AIR))  # only outside air was touched
+  # The fill is the mean of the blocks away from the outside (the specimen's own intensity).
+  up = near.repeat(4, 0).repeat(4, 1).repeat(4, 2)[:40, :40, :40]
+  assert fill == int(np.rint(image[~up].mean()))
+  assert AIR < fill <= TISSUE
+
+
+def test_below_direction_masks_the_bright_surroundings(tmp_path):
+  image = np.full((24, 24, 24), 3000, np.int16)
+  image[
+    6:18, 5:19, 6:18
+  ] = -500  # a dark specimen (foreground: <= threshold) in bright surroundings
+  volume.save_zarr(str(tmp_path / 'v.zarr'), image, (1, 1, 1))
+  vol = volume.open_volume(str(tmp_path / 'v.zarr'))
+  masked = specimen.masked_volume(vol, 0.0, 'below', 2, str(tmp_path / 'cache'))
+  out = masked.read((0, 0, 0), masked.shape)
+  assert np.all(out[6:18, 5:19, 6:18] == -500) and np.all(out[0] == -500)
+
+
+def test_cached_once_and_keyed_by_the_settings(ball, tmp_path, monkeypatch):
+  vol = ball[0]
+  first = specimen.masked_volume(vol, THRESHOLD, 'above', 4, str(tmp_path))
+  monkeypatch.setattr(specimen, 'coarse_outside', lambda *a: pytest.fail('recomputed'))
+  assert specimen.masked_volume(vol, THRESHOLD, 'above', 4, str(tmp_path)).path == first.path
+  monkeypatch.undo()
+  other = specimen.masked_volume(vol, THRESHOLD, 'above', 2, str(tmp_path))
+  assert other.path != first.path
+  assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_pipeline_reads_training_patches_from_the_masked_copy(tmp_path):
+  from configs import smoke
+  from jule3d import pipeline, train
+
+  c = smoke.get_config()
+  c.patches.mask_outside = True
+  inputs = pipeline.resolve_inputs(c, str(tmp_path / 'w'), for_training=True)
+  assert inputs.patch_source is inputs.content and inputs.content.path != inputs.image.path
+  data = train.load_training_data(inputs)
+  raw = patches.read_patches(inputs.content, data.centres, c.patches.patch_size)
+  np.testing.assert_allclose(np.asarray(data.patches), (raw - data.mean) / data.std, atol=1e-5)
+  # The centres are still the image's foreground, and the copy differs from the image only where
+  # the image is not foreground.
+  image = inputs.image.read((0, 0, 0), inputs.image.shape)
+  content = inputs.content.read((0, 0, 0), inputs.image.shape)
+  fg = patches.foreground(image, c.data.threshold, c.data.foreground)
+  assert np.all(fg[tuple(data.centres.T)])
+  np.testing.assert_array_equal(content[fg], image[fg])
+  assert np.any(content[~fg] != image[~fg])
