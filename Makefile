@@ -33,7 +33,7 @@ test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: venv
-	$(PY) launch.py --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) launch.py --config=configs/demo.py --workdir=$(WORKDIR) $(ARGS)
 
 MNI_STAMP := $(VENV)/.mni152-installed
 $(MNI_STAMP): requirements-mni152.txt $(STAMP)
