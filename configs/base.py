@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # every patch the CNN sees, so segments follow tissue, not the rim (jule3d/specimen.py).
   c.patches.mask_outside = False
   c.patches.outside_block = 4  # Holes narrower than this (voxels) onto the surface stay inside.
+  # Where patch centres go, for training and segmentation: 'foreground' (the paper: voxels passing
+  # the threshold) or 'specimen' (also the air the specimen encloses: a region segmentation).
+  c.patches.domain = 'foreground'
 
   # --- CNN (SPEC 2) -------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -60,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.cluster.a = 1.0  # sigma^2 = a * mean kNN squared distance.
   c.cluster.lam = 1.0  # lambda: weight of the affinity-gap term in the merge criterion.
   c.cluster.unfolding_rate = 0.9  # eta: merges per period = min(ceil(eta * Nc), Nc - C).
+  # What period 0 clusters (jule3d/descriptors.py): 'raw' (the paper: L2-normalised voxels),
+  # 'windowed' (Gaussian-windowed voxels, magnitude kept) or 'texture' (level + local energy).
+  c.cluster.initial_features = 'raw'
 
   # --- Backward pass: representation learning (SPEC 4) ----------------------------------------
   c.train = ml_collections.ConfigDict()
@@ -90,6 +96,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.segment.feature_path = (
     'auto'  # 'auto' (fewer FLOPs), 'dense' (fully convolutional) or 'per_patch'.
   )
+  # Potts weight beta of the spatial regularisation of the k-means labels on the grid, in units of
+  # the mean k-means distortion (jule3d/regularise.py); 0 = off (the paper).
+  c.segment.smoothing = 0.0
+  # Label every voxel of the domain (patches.domain), also within w/2 of the volume's faces, with
+  # the label of the nearest grid block (the paper leaves them 0).
+  c.segment.fill = False
+  # What k-means clusters: 'cnn' (the learned features: the method) or, as ablations of the same
+  # pipeline, 'intensity' (the centre voxel) or 'initial' (the 'texture' descriptor of the patch).
+  c.segment.features = 'cnn'
   c.segment.checkpoint = ''  # Another run's workdir or checkpoint dir to segment with ('' = ours).
   c.segment.save_features = False  # Also write the grid features (features.npz) to the workdir.
   # Grid planes per saved feature part (a killed segmentation resumes at the first missing part);
@@ -107,7 +122,62 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.kmeans_max_fit = 200_000  # Intensity k-means baseline fit on this many voxels.
   c.evaluate.figures = True  # Write PNG slice figures into the report.
+  # ANTs Atropos (GMM + MRF) as a third baseline, where .venv-ants has antspyx (jule3d/atropos.py);
+  # skipped above this many voxels (ITK holds the whole volume in memory).
+  c.evaluate.atropos = True
+  c.evaluate.atropos_max_voxels = 64_000_000
   return c
+
+
+# The recommended method: every extension of the paper's JULE that measured better on both the
+# phantom and MNI152 (README "Segmentation quality"); set by `method`, undone by the ':paper' switch.
+# Its grid stride follows the volume's size (a data fact): stride 1, every voxel its own patch, where
+# the grid features (an embed_dim float32 row per domain voxel) fit in a few GB, i.e. up to ~10^7
+# voxels (configs/demo.py, configs/mni152.py); lung-size scans keep the paper's 5.
+RECOMMENDED = {
+  'patches.mask_outside': True,
+  'patches.domain': 'specimen',
+  'cluster.initial_features': 'texture',
+  'segment.smoothing': 1.0,
+  'segment.fill': True,
+}
+
+
+def method(c: ml_collections.ConfigDict, paper: bool) -> ml_collections.ConfigDict:
+  """The paper's method as it is (`paper`), or the recommended one (RECOMMENDED on top).
+
+  Args:
+    c: a config built on get_config().
+    paper: keep the paper's method (every extension off).
+
+  Returns:
+    The same ConfigDict, modified in place.
+  """
+  if not paper:
+    for field, value in RECOMMENDED.items():
+      group, name = field.split('.')
+      c[group][name] = value
+  return c
+
+
+def parse_arg(arg: str, allowed: tuple[str, ...]) -> set[str]:
+  """The comma-separated words after ':' in `--config=configs/X.py:ARG`, checked.
+
+  Args:
+    arg: the text after ':' ('' for none).
+    allowed: the words this config knows.
+
+  Returns:
+    The set of words.
+
+  Raises:
+    ValueError: an unknown word.
+  """
+  words = {w for w in arg.split(',') if w}
+  unknown = sorted(words - set(allowed))
+  if unknown:
+    raise ValueError(f'config argument {arg!r}: unknown {unknown}; expected words of {allowed}')
+  return words
 
 
 def cpu_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -135,10 +205,11 @@ def cpu_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def paper_experiment(
   arg: str, *, threshold: float, spacing_mm: float, shape: tuple[int, int, int], num_clusters: int
 ) -> ml_collections.ConfigDict:
-  """One of the paper's Table 1 experiments; `arg == 'cpu'` gives its CPU-size variant.
+  """One of the paper's Table 1 experiments (recommended method unless 'paper'; 'cpu': CPU size).
 
   Args:
-    arg: the text after ':' in `--config=configs/lung_x.py:ARG` ('' or 'cpu').
+    arg: the text after ':' in `--config=configs/lung_x.py:ARG`: comma-separated words, 'cpu'
+      (CPU-size variant) and 'paper' (the paper's method, no extension), e.g. 'cpu,paper'.
     threshold: foreground threshold in the scanner's raw units.
     spacing_mm: isotropic voxel edge in millimetres.
     shape: the paper volume's shape (checked against the user's volume, a mismatch is logged).
@@ -152,6 +223,6 @@ def paper_experiment(
   c.data.spacing = (spacing_mm,) * 3
   c.data.expected_shape = shape
   c.cluster.num_clusters = num_clusters
-  if arg not in ('', 'cpu'):
-    raise ValueError(f"config argument must be '' or 'cpu', got {arg!r}")
-  return cpu_variant(c) if arg == 'cpu' else c
+  words = parse_arg(arg, ('cpu', 'paper'))
+  method(c, paper='paper' in words)
+  return cpu_variant(c) if 'cpu' in words else c

@@ -31,4 +31,5 @@ def get_config():
   c.segment.stride = 6
   c.segment.kmeans_restarts = 2
   c.segment.batch_size = 64
+  c.evaluate.atropos = False  # seconds per evaluation; tests/test_evaluate.py runs it on its own
   return c

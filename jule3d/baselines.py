@@ -156,7 +156,7 @@ def label_intensities(values: np.ndarray, fg: np.ndarray, thresholds: np.ndarray
   return labels
 
 
-def _baseline_settings(image, config) -> dict:
+def baseline_settings(image, config) -> dict:
   c = config
   return {
     'version': _VERSION,
@@ -172,7 +172,7 @@ def _baseline_settings(image, config) -> dict:
   }
 
 
-def _stored_baseline(path: str, settings: dict) -> dict | None:
+def stored_baseline(path: str, settings: dict) -> dict | None:
   try:
     with open(os.path.join(path, '.zattrs')) as f:
       info = json.load(f).get('jule3d_baseline')
@@ -236,9 +236,9 @@ def intensity_baselines(image, config, out_dir: str, overwrite: bool = False) ->
   """
   c = config
   k = int(c.segment.num_segments)
-  settings = _baseline_settings(image, c)
+  settings = baseline_settings(image, c)
   paths = {name: os.path.join(out_dir, f'{name}.zarr') for name in NAMES}
-  stored = {name: _stored_baseline(path, settings) for name, path in paths.items()}
+  stored = {name: stored_baseline(path, settings) for name, path in paths.items()}
   if not overwrite and all(stored.values()):
     logging.info('reusing the baselines in %s (same settings)', out_dir)
     return {name: {'path': paths[name], 'reused': True, **stored[name]['result']} for name in paths}

@@ -6,6 +6,12 @@ import ml_collections
 
 from jule3d.errors import UserError
 
+# config.cluster.initial_features: what period 0 clusters (jule3d/descriptors.py).
+INITIAL_FEATURES = ('raw', 'windowed', 'texture')
+# config.segment.features: what phase 2 clusters; 'cnn' is the method, the others are its ablations
+# (the same pipeline with the learned features replaced by a hand-made input, jule3d/segment.py).
+SEGMENT_FEATURES = ('cnn', 'intensity', 'initial')
+
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
   if not ok:
@@ -78,6 +84,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _require(w % 2 == 1, 'patches.patch_size', w, 'an odd number (a patch needs a centre voxel)')
   n_s = _int_at_least(c, 'patches.num_patches', 2)
   _int_at_least(c, 'patches.outside_block', 1)
+  _require(
+    c.patches.domain in ('foreground', 'specimen'),
+    'patches.domain',
+    c.patches.domain,
+    "'foreground' or 'specimen'",
+  )
 
   m = c.model
   _require(
@@ -121,6 +133,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _require(
     0 < cl.unfolding_rate <= 1, 'cluster.unfolding_rate', cl.unfolding_rate, 'a number in (0, 1]'
   )
+  _require(
+    cl.initial_features in INITIAL_FEATURES,
+    'cluster.initial_features',
+    cl.initial_features,
+    ' or '.join(repr(f) for f in INITIAL_FEATURES),
+  )
 
   t = c.train
   _int_at_least(c, 'train.epochs_per_period', 1)
@@ -148,6 +166,20 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _int_at_least(c, 'segment.kmeans_max_fit', 2)
   _int_at_least(c, 'segment.batch_size', 1)
   _int_at_least(c, 'segment.part_planes', 0)
+  _int_at_least(c, 'evaluate.atropos_max_voxels', 1)
+  _require(
+    s.features != 'initial' or cl.initial_features == 'texture',
+    'segment.features',
+    s.features,
+    "'cnn' or 'intensity' with this cluster.initial_features ('initial' needs 'texture')",
+  )
+  _require(s.smoothing >= 0, 'segment.smoothing', s.smoothing, 'a number >= 0 (0 = off)')
+  _require(
+    s.features in SEGMENT_FEATURES,
+    'segment.features',
+    s.features,
+    ' or '.join(repr(f) for f in SEGMENT_FEATURES),
+  )
   procs = _int_at_least(c, 'distributed.num_processes', 1)
   pid = _int_at_least(c, 'distributed.process_id', 0)
   _require(

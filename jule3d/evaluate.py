@@ -24,14 +24,14 @@ import numpy as np
 from absl import logging
 from scipy.optimize import linear_sum_assignment
 
-from jule3d import baselines, files, report, volume
+from jule3d import atropos, baselines, files, report, volume
 from jule3d.errors import UserError
 
 SEGMENTATION = 'segmentation.zarr'  # written by jule3d/segment.py
 TIMINGS = 'timings.json'
 HISTORY = 'train_history.json'
 BASELINES_DIR = 'baselines'
-METHODS = ('jule3d', *baselines.NAMES)
+METHODS = ('jule3d', *baselines.NAMES, atropos.NAME)
 _PACKAGES = (
   'jax', 'jaxlib', 'flax', 'optax', 'tensorstore', 'orbax-checkpoint', 'numpy', 'scipy',
   'scikit-learn', 'scikit-image', 'matplotlib',
@@ -376,9 +376,9 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
       f'config.data.labels {inputs.labels.path!r} has no annotated voxel (all 0): expected '
       'class labels 1..n on at least one slice.'
     )
-  computed = baselines.intensity_baselines(
-    inputs.image, c, os.path.join(workdir, BASELINES_DIR), overwrite=overwrite
-  )
+  out_dir = os.path.join(workdir, BASELINES_DIR)
+  computed = baselines.intensity_baselines(inputs.image, c, out_dir, overwrite=overwrite)
+  computed[atropos.NAME] = atropos.atropos_baseline(inputs.image, c, out_dir, overwrite=overwrite)
   ready = {n: volume.open_volume(b['path'], name=n) for n, b in computed.items() if 'path' in b}
   tables.update(contingencies(inputs.labels, ready))
   names = class_names(inputs.labels)

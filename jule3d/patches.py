@@ -31,6 +31,27 @@ def foreground(values: np.ndarray, threshold: float, direction: str) -> np.ndarr
   raise UserError(f"config.data.foreground = {direction!r}: expected 'above' or 'below'.")
 
 
+def in_domain(
+  values: np.ndarray, threshold: float, direction: str, interior=None, coords=None
+) -> np.ndarray:
+  """Where patch centres may go: foreground, or inside the specimen (config.patches.domain).
+
+  Args:
+    values: a 3D block of voxel intensities.
+    threshold: intensity threshold.
+    direction: 'above' or 'below'.
+    interior: a jule3d.specimen.Interior for the 'specimen' domain; None: foreground only.
+    coords: (z, y, x) index arrays of the block's voxels along each axis (with `interior`).
+
+  Returns:
+    bool array of the block's shape.
+  """
+  fg = foreground(values, threshold, direction)
+  if interior is None:
+    return fg
+  return interior.inside(fg, *coords)
+
+
 def centre_bounds(shape: tuple[int, ...], patch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Per-axis [lo, hi) range of centres whose patch lies fully inside the volume.
 
@@ -62,7 +83,7 @@ def _slab_ranges(lo: int, hi: int, depth: int) -> Iterator[tuple[int, int]]:
 
 
 def count_foreground_centres(
-  volume, patch_size: int, threshold: float, direction: str, slab_depth: int = 64
+  volume, patch_size: int, threshold: float, direction: str, slab_depth: int = 64, interior=None
 ) -> np.ndarray:
   """Number of valid foreground centres on every plane of axis 0.
 
@@ -72,6 +93,7 @@ def count_foreground_centres(
     threshold: foreground threshold.
     direction: 'above' or 'below'.
     slab_depth: planes read at once (memory is one slab).
+    interior: the specimen's Interior for the 'specimen' domain (in_domain); None: foreground.
 
   Returns:
     int64 array of length shape[0] (0 outside the valid centre range).
@@ -81,7 +103,8 @@ def count_foreground_centres(
   counts = np.zeros(volume.shape[0], dtype=np.int64)
   for z0, z1 in _slab_ranges(int(lo[0]), int(hi[0]), slab_depth):
     slab = volume.store[z0:z1, lo[1] : hi[1], lo[2] : hi[2]].read().result()
-    counts[z0:z1] = foreground(slab, threshold, direction).sum(axis=(1, 2))
+    coords = (np.arange(z0, z1), np.arange(lo[1], hi[1]), np.arange(lo[2], hi[2]))
+    counts[z0:z1] = in_domain(slab, threshold, direction, interior, coords).sum(axis=(1, 2))
   return counts
 
 
@@ -125,6 +148,7 @@ def sample_centres(
   direction: str,
   seed: int,
   slab_depth: int = 64,
+  interior=None,
 ) -> np.ndarray:
   """Uniform random foreground centres whose patch lies inside the volume, without replacement.
 
@@ -138,6 +162,7 @@ def sample_centres(
     direction: 'above' or 'below'.
     seed: sampling seed (same seed -> same centres).
     slab_depth: planes read at once.
+    interior: the specimen's Interior for the 'specimen' domain (in_domain); None: foreground.
 
   Returns:
     int32 array [num, 3] of centres in raster order.
@@ -145,7 +170,7 @@ def sample_centres(
   Raises:
     UserError: fewer valid foreground centres than `num`.
   """
-  counts = count_foreground_centres(volume, patch_size, threshold, direction, slab_depth)
+  counts = count_foreground_centres(volume, patch_size, threshold, direction, slab_depth, interior)
   total = int(counts.sum())
   require_centres(total, num, threshold, direction)
   ranks = np.sort(np.random.default_rng(seed).choice(total, size=num, replace=False))
@@ -161,8 +186,10 @@ def sample_centres(
     if wanted.size == 0:
       continue
     slab = volume.store[z0:z1, lo[1] : hi[1], lo[2] : hi[2]].read().result()
+    coords = (np.arange(z0, z1), np.arange(lo[1], hi[1]), np.arange(lo[2], hi[2]))
+    dom = in_domain(slab, threshold, direction, interior, coords)
     for z in wanted:
-      flat = np.flatnonzero(foreground(slab[z - z0], threshold, direction))
+      flat = np.flatnonzero(dom[z - z0])
       picked = flat[ranks[plane_of_rank == z] - plane_start[z]]
       n = picked.size
       out[done : done + n, 0] = z
@@ -189,7 +216,13 @@ def grid_axes(shape: tuple[int, ...], patch_size: int, stride: int) -> list[np.n
 
 
 def grid_centres(
-  volume, patch_size: int, stride: int, threshold: float, direction: str, slab_depth: int = 64
+  volume,
+  patch_size: int,
+  stride: int,
+  threshold: float,
+  direction: str,
+  slab_depth: int = 64,
+  interior=None,
 ) -> np.ndarray:
   """The stride-s grid of segmentation centres (SPEC 5): foreground centres with the patch inside.
 
@@ -200,6 +233,7 @@ def grid_centres(
     threshold: foreground threshold.
     direction: 'above' or 'below'.
     slab_depth: grid planes of axis 0 read at once.
+    interior: the specimen's Interior for the 'specimen' domain (in_domain); None: foreground.
 
   Returns:
     int32 array [M, 3] in raster order (axis 0 slowest).
@@ -219,7 +253,7 @@ def grid_centres(
       .read()
       .result()
     )
-    iz, iy, ix = np.nonzero(foreground(vals, threshold, direction))
+    iz, iy, ix = np.nonzero(in_domain(vals, threshold, direction, interior, (zs, gy, gx)))
     parts.append(np.stack([zs[iz], gy[iy], gx[ix]], axis=1))
   if not parts:
     return np.zeros((0, 3), dtype=np.int32)

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from typing import Any
 
 import ml_collections
 from absl import logging
@@ -41,6 +42,7 @@ class Inputs:
   image: volume.Volume
   labels: volume.Volume | None
   content: volume.Volume | None = None
+  interior: Any = None  # specimen.Interior when config.patches.domain == 'specimen'
 
   @property
   def patch_source(self) -> volume.Volume:
@@ -177,21 +179,29 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
   logging.info(
     'volume %s: shape %s, %s, spacing %s', d.path, image.shape, image.dtype, image.spacing
   )
-  content = None
-  if config.patches.mask_outside:
+  content = interior = None
+  if config.patches.mask_outside or config.patches.domain == 'specimen':
     from jule3d import specimen
 
+    block = config.patches.outside_block
     with volume.read_errors(image):
-      content = specimen.masked_volume(
-        image, d.threshold, d.foreground, config.patches.outside_block, cache, d.cache_chunk
-      )
-  return Inputs(config=config, image=image, labels=labels, content=content)
+      if config.patches.mask_outside:
+        content = specimen.masked_volume(
+          image, d.threshold, d.foreground, block, cache, d.cache_chunk
+        )
+      if config.patches.domain == 'specimen':
+        interior = specimen.interior(image, d.threshold, d.foreground, block)
+  return Inputs(config=config, image=image, labels=labels, content=content, interior=interior)
 
 
 def _check_enough_centres(inputs: Inputs) -> None:
   c = inputs.config
   counts = patches.count_foreground_centres(
-    inputs.image, c.patches.patch_size, c.data.threshold, c.data.foreground
+    inputs.image,
+    c.patches.patch_size,
+    c.data.threshold,
+    c.data.foreground,
+    interior=inputs.interior,
   )
   patches.require_centres(
     int(counts.sum()), c.patches.num_patches, c.data.threshold, c.data.foreground
@@ -201,7 +211,9 @@ def _check_enough_centres(inputs: Inputs) -> None:
 def _check_enough_grid_patches(inputs: Inputs) -> None:
   c = inputs.config
   w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
-  grid = patches.grid_centres(inputs.image, w, s, c.data.threshold, c.data.foreground)
+  grid = patches.grid_centres(
+    inputs.image, w, s, c.data.threshold, c.data.foreground, interior=inputs.interior
+  )
   patches.require_grid(len(grid), k, s)
 
 

@@ -18,7 +18,12 @@ from jule3d import volume
 FIGURES_DIR = 'figures'
 _PANEL_IN = 3.2  # panel width, inches
 _DPI = 100
-TITLES = {'jule3d': 'jule3d', 'kmeans_intensity': 'k-means (intensity)', 'multi_otsu': 'multi-Otsu'}
+TITLES = {
+  'jule3d': 'jule3d',
+  'kmeans_intensity': 'k-means (intensity)',
+  'multi_otsu': 'multi-Otsu',
+  'atropos': 'Atropos (GMM + MRF)',
+}
 # Class colours (tab10 without its grey), then colours for clusters matched to no class.
 _CLASS_COLOURS = (
   '#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#bcbd22', '#17becf',
@@ -148,6 +153,7 @@ def draw_slices(path, image, reference, predictions, planes, scores, names) -> N
   classes = sorted({int(v) for r in refs for v in np.unique(r) if v > 0} | set(names))
   colour = {c: _rgb(_CLASS_COLOURS[i % len(_CLASS_COLOURS)]) for i, c in enumerate(classes)}
   methods = ['jule3d', 'kmeans_intensity', 'multi_otsu']
+  methods += [m for m in predictions if m not in methods]  # the optional baselines computed
   columns = ['image', 'reference', *methods]
   sp = image.spacing
   # Rows as tall as their slices (in physical units) so elongated volumes waste no space.
@@ -323,11 +329,15 @@ def markdown(rep: dict) -> str:
     if 'skipped' in b:
       lines.append(f'- {TITLES.get(m, m)}: skipped ({b["skipped"]})')
       continue
-    what = ', '.join(f'{x:.6g}' for x in b['thresholds'])
-    centres = ', '.join(f'{x:.6g}' for x in b.get('centres', []))
+    if 'thresholds' in b:
+      what = ', '.join(f'{x:.6g}' for x in b['thresholds'])
+      centres = ', '.join(f'{x:.6g}' for x in b.get('centres', []))
+      what = f'thresholds [{what}]' + (f', centres [{centres}]' if centres else '')
+    else:  # Atropos: a mixture model with a spatial prior, no thresholds
+      what = f'GMM + MRF (weight {b.get("mrf")}), {b.get("seconds", 0):.0f} s'
     lines.append(
-      f'- {TITLES.get(m, m)}: thresholds [{what}]' + (f', centres [{centres}]' if centres else '')
-      + f'; labels in `{b["path"]}`' + (' (reused)' if b.get('reused') else '')
+      f'- {TITLES.get(m, m)}: {what}; labels in `{b["path"]}`'
+      + (' (reused)' if b.get('reused') else '')
     )  # fmt: skip
   vs = ', '.join(f'{k} {x}' for k, x in rep['versions'].items() if x)
   lines += ['', '## Versions', '', vs, '']

@@ -14,9 +14,20 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from scipy import ndimage
 from sklearn.cluster import KMeans
 
-from jule3d import checkpoint, dense, model, objective, patches, sharding, volume
+from jule3d import (
+  checkpoint,
+  dense,
+  descriptors,
+  model,
+  objective,
+  patches,
+  regularise,
+  sharding,
+  volume,
+)
 from jule3d.errors import UserError
 
 SEGMENTATION = 'segmentation.zarr'
@@ -242,8 +253,13 @@ def features_by_parts(
 
 
 def kmeans_labels(
-  features: np.ndarray, k: int, seed: int, restarts: int, max_fit: int
-) -> np.ndarray:
+  features: np.ndarray,
+  k: int,
+  seed: int,
+  restarts: int,
+  max_fit: int,
+  return_distances: bool = False,
+):
   """k-means (k-means++, several restarts) on at most max_fit seeded samples; predicts all in chunks.
 
   Args:
@@ -252,9 +268,10 @@ def kmeans_labels(
     seed: seed.
     restarts: n_init.
     max_fit: subsample size for fitting.
+    return_distances: also return the squared distances to every centroid.
 
   Returns:
-    [M] uint8 labels in 1..K.
+    [M] uint8 labels in 1..K; with return_distances, (labels, [M, K] float32 squared distances).
   """
   rng = np.random.default_rng([seed, 2])
   fit = (
@@ -264,9 +281,13 @@ def kmeans_labels(
   )
   km = KMeans(n_clusters=k, n_init=restarts, random_state=seed).fit(fit)
   out = np.empty(len(features), np.uint8)
+  dist = np.empty((len(features), k), np.float32) if return_distances else None
   for i in range(0, len(features), 65536):
-    out[i : i + 65536] = km.predict(features[i : i + 65536]) + 1
-  return out
+    d = km.transform(features[i : i + 65536])
+    out[i : i + 65536] = np.argmin(d, axis=1) + 1
+    if dist is not None:
+      dist[i : i + 65536] = np.square(d)
+  return (out, dist) if return_distances else out
 
 
 def paint_slab(
@@ -302,6 +323,80 @@ def paint_slab(
   return out
 
 
+def fill_slab(painted: np.ndarray, domain: np.ndarray) -> np.ndarray:
+  """Every domain voxel labelled: a 0 inside the domain takes its nearest painted voxel's label.
+
+  Voxels within w/2 of the volume's faces have no centred patch; they take the label of the
+  nearest grid block (Euclidean, voxel units). Voxels outside the domain become 0.
+
+  Args:
+    painted: uint8 labels of a slab with a halo (paint_slab), 0 = not covered.
+    domain: bool, same shape: voxels that must be labelled.
+
+  Returns:
+    uint8 labels, same shape.
+  """
+  out = np.where(domain, painted, 0).astype(np.uint8)
+  hole = domain & (out == 0)
+  covered = out > 0
+  if hole.any() and covered.any():
+    idx = ndimage.distance_transform_edt(~covered, return_distances=False, return_indices=True)
+    out[hole] = out[tuple(i[hole] for i in idx)]
+  return out
+
+
+def write_labels(store, inputs, centres: np.ndarray, labels: np.ndarray, stride: int) -> None:
+  """Paints the grid labels into the label volume slab by slab (and fills, if config.segment.fill).
+
+  Args:
+    store: the open tensorstore of the output (volume shape, uint8).
+    inputs: pipeline.Inputs (image, interior, config).
+    centres: [M, 3] grid centres sorted by axis 0.
+    labels: [M] labels 1..K.
+    stride: s.
+  """
+  c = inputs.config
+  img = inputs.image
+  depth = c.data.cache_chunk
+  halo = c.patches.patch_size if c.segment.fill else 0
+  for z0 in range(0, img.shape[0], depth):
+    z1 = min(z0 + depth, img.shape[0])
+    if not halo:
+      store[z0:z1].write(paint_slab(z0, z1, img.shape, centres, labels, stride)).result()
+      continue
+    a, b = max(0, z0 - halo), min(img.shape[0], z1 + halo)
+    painted = paint_slab(a, b, img.shape, centres, labels, stride)
+    values = np.asarray(img.store[a:b].read().result())
+    coords = (np.arange(a, b), np.arange(img.shape[1]), np.arange(img.shape[2]))
+    dom = patches.in_domain(values, c.data.threshold, c.data.foreground, inputs.interior, coords)
+    store[z0:z1].write(fill_slab(painted, dom)[z0 - a : z1 - a]).result()
+
+
+def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std: float):
+  """Ablation features of the grid patches (config.segment.features other than 'cnn').
+
+  Args:
+    inputs: pipeline.Inputs.
+    centres: [M, 3] grid centres.
+    kind: 'intensity' (the centre voxel) or 'initial' (the 'texture' descriptor of the patch,
+      descriptors.texture_volume: the whole volume in memory).
+    mean: normalisation mean of the training patches.
+    std: normalisation std of the training patches.
+
+  Returns:
+    [M, D] float32.
+  """
+  c = inputs.config
+  if kind == 'intensity':
+    img = inputs.image
+    vals = img.store.vindex[centres[:, 0], centres[:, 1], centres[:, 2]].read().result()
+    return ((np.asarray(vals, np.float32) - mean) / std)[:, None]
+  vol = inputs.patch_source
+  x = (vol.read((0, 0, 0), vol.shape).astype(np.float32) - np.float32(mean)) / np.float32(std)
+  feats = descriptors.texture_volume(x, c.patches.patch_size)[tuple(centres.T)]
+  return descriptors.finish('texture', feats)
+
+
 def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   """Runs phase 2 and writes segmentation.zarr and segmentation.nii.gz into the workdir.
 
@@ -322,7 +417,9 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   net, variables, meta = load_model(c, workdir)
   w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
   t0 = time.time()
-  centres = patches.grid_centres(inputs.image, w, s, c.data.threshold, c.data.foreground)
+  centres = patches.grid_centres(
+    inputs.image, w, s, c.data.threshold, c.data.foreground, interior=inputs.interior
+  )
   patches.require_grid(len(centres), k, s)
   flops = dense.flops_per_grid_patch(c.model, w, s, inputs.image.shape)
   path = c.segment.feature_path
@@ -373,20 +470,35 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     devices = jax.local_devices()
   else:  # the per-patch path already splits each batch over the local devices
     compute_on, devices = (lambda _: compute), [None]
-  feats = features_by_parts(compute_on, devices, centres, progress, key, per_part, grid)
+  if c.segment.features == 'cnn':
+    feats = features_by_parts(compute_on, devices, centres, progress, key, per_part, grid)
+  else:
+    logging.info('ablation: k-means on %s features instead of the CNN', c.segment.features)
+    feats = hand_made_features(inputs, centres, c.segment.features, meta['mean'], meta['std'])
   if feats is None:
     return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': jax.process_index()}
   t_feat = time.time() - t0
-  labels = kmeans_labels(feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
+  labels, dist = kmeans_labels(
+    feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit, return_distances=True
+  )
+  sweeps = 0
+  if c.segment.smoothing > 0:
+    before = labels
+    labels, sweeps = regularise.potts_icm(
+      centres, labels, regularise.unary_terms(dist), s, c.segment.smoothing
+    )
+    logging.info(
+      'Potts smoothing (beta %.3g): %d sweeps, %.2f%% of the grid relabelled',
+      c.segment.smoothing,
+      sweeps,
+      100.0 * np.mean(labels != before),
+    )
   t_km = time.time() - t0 - t_feat
   img = inputs.image
   with volume.zarr_writer(
     out_zarr, img.shape, np.uint8, img.spacing, affine=img.affine, chunk=c.data.cache_chunk
   ) as store:
-    depth = c.data.cache_chunk
-    for z0 in range(0, img.shape[0], depth):
-      z1 = min(z0 + depth, img.shape[0])
-      store[z0:z1].write(paint_slab(z0, z1, img.shape, centres, labels, s)).result()
+    write_labels(store, inputs, centres, labels, s)
   seg = volume.open_volume(out_zarr, name='segmentation')
   volume.write_nifti(out_nii, seg, img.spacing, img.affine)
   if c.segment.save_features:

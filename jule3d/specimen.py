@@ -22,6 +22,7 @@ The masked copy is written once, slab by slab, as a zarr under WORKDIR/cache/ (m
 plus the coarse block grid, 1/block^3 of the volume).
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -85,6 +86,42 @@ def coarse_outside(vol, threshold: float, direction: str, block: int) -> tuple[n
   keep = ~near if (~near).any() else np.ones_like(near)
   fill = float(sums[keep].sum() / max(int(counts[keep].sum()), 1))
   return near, fill
+
+
+@dataclasses.dataclass(frozen=True)
+class Interior:
+  """Everything inside the specimen's outer surface: foreground plus the air it encloses.
+
+  The segmentation domain of `config.patches.domain = 'specimen'` (a region segmentation, the way
+  annotators draw tissue regions: an alveolus of normal tissue is normal tissue). A voxel is inside
+  when it is foreground or lies outside every coarse block near the face-connected background
+  (`coarse_outside`): the complement of the voxels that `masked_volume` fills.
+  """
+
+  near: np.ndarray  # bool [ceil(Z/b), ceil(Y/b), ceil(X/b)] from coarse_outside
+  block: int
+
+  def inside(self, fg: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The domain at the voxels (z x y x x) whose foreground test is `fg` [len(z), len(y), len(x)]."""
+    b = self.block
+    far = ~self.near[np.ix_(np.asarray(z) // b, np.asarray(y) // b, np.asarray(x) // b)]
+    return fg | far
+
+
+def interior(vol, threshold: float, direction: str, block: int) -> Interior:
+  """The specimen's interior (Interior) of a volume, from one streaming pass.
+
+  Args:
+    vol: a jule3d.volume.Volume.
+    threshold: foreground threshold.
+    direction: 'above' or 'below'.
+    block: coarse block edge (config.patches.outside_block).
+
+  Returns:
+    The Interior.
+  """
+  near, _ = coarse_outside(vol, threshold, direction, block)
+  return Interior(near=near, block=int(block))
 
 
 def _cache_key(vol, threshold: float, direction: str, block: int) -> str:

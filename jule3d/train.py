@@ -1,6 +1,7 @@
 """Phase 1, the recurrent JULE schedule (SPEC 3-4): merge, train, repeat; then one more training period.
 
-Period 0 clusters the L2-normalised raw (normalised) patch voxels, starting from the 1-NN
+Period 0 clusters hand-made features of the normalised patches (config.cluster.initial_features,
+jule3d/descriptors.py; the paper's L2-normalised raw voxels by default), starting from the 1-NN
 components; every later period clusters fresh CNN features (eval-mode BatchNorm). Each period merges
 min(ceil(eta * Nc), Nc - C) times and then trains the CNN `epochs_per_period` epochs on the labels.
 After the period that reaches C clusters, one more training period runs on the final labels
@@ -31,7 +32,7 @@ import numpy as np
 from absl import logging
 from sklearn.metrics import normalized_mutual_info_score
 
-from jule3d import checkpoint, files, graph, model, objective, patches, sharding
+from jule3d import checkpoint, descriptors, files, graph, model, objective, patches, sharding
 from jule3d.errors import UserError
 
 HISTORY_FILE = 'train_history.json'
@@ -66,7 +67,13 @@ def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> Tra
   w = c.patches.patch_size
   if centres is None:
     centres = patches.sample_centres(
-      inputs.image, c.patches.num_patches, w, c.data.threshold, c.data.foreground, c.seed
+      inputs.image,
+      c.patches.num_patches,
+      w,
+      c.data.threshold,
+      c.data.foreground,
+      c.seed,
+      interior=inputs.interior,
     )
   m = m or sharding.mesh()
   shape = (len(centres), w, w, w)
@@ -139,18 +146,9 @@ def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> n
   return np.concatenate(out)
 
 
-@jax.jit
-def raw_features(data: jax.Array) -> jax.Array:
-  """Period-0 features: each normalised patch flattened and L2-normalised (SPEC 3).
-
-  Args:
-    data: [N, w, w, w] normalised patches.
-
-  Returns:
-    [N, w^3] float32.
-  """
-  x = data.reshape(data.shape[0], -1)
-  return x / (jnp.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+def initial_features(c, data: jax.Array) -> np.ndarray:
+  """Period-0 features of the training patches (config.cluster.initial_features; descriptors.py)."""
+  return descriptors.initial_features(c.cluster.initial_features, data, sharding.to_host)
 
 
 def patch_nmi(truth: np.ndarray | None, labels: np.ndarray) -> float | None:
@@ -297,7 +295,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     history = {'periods': [], 'nmi_patches_raw': None}
     if data.truth is not None:
       raw_labels = graph.agglomerate(
-        sharding.to_host(raw_features(data.patches)), c.cluster.num_clusters, **_cluster_kwargs(c)
+        initial_features(c, data.patches), c.cluster.num_clusters, **_cluster_kwargs(c)
       )
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
@@ -350,7 +348,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
         merges = 0  # the extra period on the final labels
       else:
         if period == 0:
-          feats = sharding.to_host(raw_features(data.patches))
+          feats = initial_features(c, data.patches)
         else:
           feats = extract_features(
             embed_fn,

@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
 from configs import base
-from jule3d import baselines, evaluate, phantom, pipeline, volume
+from jule3d import atropos, baselines, evaluate, phantom, pipeline, volume
 from jule3d.errors import UserError
 
 SHAPE = (12, 9, 7)
@@ -140,8 +140,9 @@ def test_class_names_from_the_label_store_or_a_phantom(tmp_path):
   assert names == {k: v for k, v in phantom.LABEL_NAMES.items() if k > 0}
 
 
-def _config(k=3, threshold=500.0, max_fit=3000, figures=True):
+def _config(k=3, threshold=500.0, max_fit=3000, figures=True, atropos=False):
   c = base.get_config()
+  c.evaluate.atropos = atropos
   c.segment.num_segments = k
   c.segment.kmeans_restarts = 2
   c.data.threshold = threshold
@@ -298,3 +299,28 @@ def test_evaluate_user_errors(tmp_path):
   with pytest.raises(UserError, match='--mode=segment'):
     evaluate.evaluate(inputs, str(tmp_path))
   assert not os.path.exists(wd / 'report.json')
+
+
+def test_atropos_missing_is_one_log_line_and_the_report_is_still_written(tmp_path, monkeypatch):
+  monkeypatch.setenv('JULE3D_ANTS_PYTHON', str(tmp_path / 'no-such-python'))
+  wd, inputs, _, _ = _workdir(tmp_path)
+  inputs.config.evaluate.atropos = True
+  out = evaluate.evaluate(inputs, str(wd))
+  assert 'antspyx not installed' in out['baselines']['atropos']['skipped']
+  assert out['nmi']['atropos'] is None and out['nmi']['kmeans_intensity'] == pytest.approx(1.0)
+  assert 'Atropos (GMM + MRF): skipped' in (wd / 'report.md').read_text()
+
+
+@pytest.mark.skipif(atropos.interpreter() is None, reason='no .venv-ants (make mni152 creates it)')
+def test_atropos_baseline_segments_plateaus_and_is_reused(tmp_path):
+  wd, inputs, ref, _ = _workdir(tmp_path)
+  inputs.config.evaluate.atropos = True
+  out = evaluate.evaluate(inputs, str(wd))
+  assert out['nmi']['atropos'] == pytest.approx(1.0)
+  stored = volume.open_volume(out['baselines']['atropos']['path'])
+  labels = stored.read((0, 0, 0), stored.shape)
+  assert set(np.unique(labels[ref > 0])) == {1, 2, 3} and not labels[ref == 0].any()
+  np.testing.assert_allclose(stored.spacing, inputs.image.spacing)
+  again = evaluate.evaluate(inputs, str(wd))
+  assert again['baselines']['atropos']['reused'] and again['nmi'] == out['nmi']
+  assert 'Atropos (GMM + MRF)' in (wd / 'report.md').read_text()

@@ -141,3 +141,19 @@ def test_features_resume_after_a_crash_without_recomputing_done_parts(tmp_path):
     lambda p: p * 3.0, centres, str(tmp_path), 'other', planes_per_part=2, origin=2, stride=3
   )
   np.testing.assert_array_equal(other, centres * 3.0)
+
+
+def test_fill_labels_every_domain_voxel_with_its_nearest_block():
+  shape = (14, 12, 13)
+  painted = np.zeros(shape, np.uint8)
+  painted[4:10, 3:9, 3:6] = 1
+  painted[4:10, 3:9, 6:10] = 2
+  domain = np.zeros(shape, bool)
+  domain[1:13, 1:11, 1:12] = True  # wider than the painted blocks: the faces' band
+  out = segment.fill_slab(painted, domain)
+  assert np.all(out[domain] > 0) and not out[~domain].any()
+  np.testing.assert_array_equal(out[4:10, 3:9, 3:10], painted[4:10, 3:9, 3:10])
+  assert np.all(out[domain][:, None] >= 1)
+  assert out[6, 6, 1] == 1 and out[6, 6, 11] == 2  # nearest block along x on either side
+  # Nothing painted at all: nothing to copy from, the domain stays 0 (no made-up labels).
+  assert not segment.fill_slab(np.zeros(shape, np.uint8), domain).any()

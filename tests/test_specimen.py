@@ -85,3 +85,31 @@ def test_pipeline_reads_training_patches_from_the_masked_copy(tmp_path):
   assert np.all(fg[tuple(data.centres.T)])
   np.testing.assert_array_equal(content[fg], image[fg])
   assert np.any(content[~fg] != image[~fg])
+
+
+def test_specimen_domain_holds_the_enclosed_air_not_the_outside(ball):
+  vol, image, cavity, r = ball
+  interior = specimen.interior(vol, THRESHOLD, 'above', 4)
+  n = image.shape[0]
+  dom = patches.in_domain(image, THRESHOLD, 'above', interior, (np.arange(n),) * 3)
+  tissue = image >= THRESHOLD
+  assert np.all(dom[tissue]) and np.all(dom[cavity])
+  assert not dom[r >= 13 + 2 * 4 * np.sqrt(3)].any()
+  # The grid and the training samples of the 'specimen' domain reach into the cavity.
+  w = 9
+  grid = patches.grid_centres(vol, w, 1, THRESHOLD, 'above', interior=interior)
+  plain = patches.grid_centres(vol, w, 1, THRESHOLD, 'above')
+  in_cavity = cavity[tuple(grid.T)]
+  assert in_cavity.sum() == cavity.sum() and not cavity[tuple(plain.T)].any()
+  assert len(grid) == len(plain) + int(np.count_nonzero(dom & ~tissue & _centre_box(n, w)))
+  counts = patches.count_foreground_centres(vol, w, THRESHOLD, 'above', interior=interior)
+  assert counts.sum() == len(grid)
+  picked = patches.sample_centres(vol, len(grid), w, THRESHOLD, 'above', 0, interior=interior)
+  np.testing.assert_array_equal(np.unique(picked, axis=0), np.unique(grid, axis=0))
+
+
+def _centre_box(n, w):
+  box = np.zeros((n, n, n), bool)
+  h = w // 2
+  box[h : n - h, h : n - h, h : n - h] = True
+  return box

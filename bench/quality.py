@@ -1,0 +1,186 @@
+"""Segmentation quality: the recommended method, the paper's, each extension off, and hand-made features.
+
+Runs the whole CLI (`launch.py`) once per (data set, seed, variant) and reads the NMI of jule3d and
+of the baselines from each report.json, so every figure is measured exactly as a user's run:
+
+  data sets  demo        the built-in phantom 96^3 (configs/demo.py)
+             phantom128  the same phantom generator at 128^3 (phantom seed 0)
+             mni152      the MNI152 T1 template into CSF/GM/WM (configs/mni152.py; needs nilearn)
+  variants   recommended the shipped configs (configs/base.py RECOMMENDED)
+             paper       ':paper', the paper's method as it is
+             no_mask, no_domain, raw_init, no_smoothing, no_fill: one extension of the
+                         recommended method off (the ablation)
+             intensity_only, descriptor_only: the same pipeline with the CNN features replaced by
+                         the centre voxel's intensity or the period-0 texture descriptor (what the
+                         method adds by hand; smoothing and fill stay on)
+
+Variants that change only phase 2 segment with the recommended run's checkpoint
+(`--config.segment.checkpoint`; training is identical), and every run reuses the recommended run's
+baselines (same image, K and seed). Results accumulate in
+WORKDIR/results.json: rerunning skips what is already there (use --fresh to start over).
+
+  python bench/quality.py --write                        # everything (make quality)
+  python bench/quality.py --data=demo --seeds=0 --variants=recommended,paper
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = {
+  'demo': ('configs/demo.py', []),
+  'phantom128': ('configs/demo.py', ["--config.data.phantom_shape='(128,128,128)'"]),
+  'mni152': ('configs/mni152.py', []),
+}
+# name -> (config argument, flags, trains its own model, what it is)
+VARIANTS = {
+  'recommended': ('', [], True, 'the recommended method (shipped configs)'),
+  'paper': ('paper', [], True, "the paper's method (`:paper`)"),
+  'no_mask': ('', ['--config.patches.mask_outside=False'], True, 'no specimen masking'),
+  'no_domain': (
+    '',
+    ['--config.patches.domain=foreground'],
+    True,
+    'foreground only (no enclosed air)',
+  ),
+  'raw_init': ('', ['--config.cluster.initial_features=raw'], True, 'period 0 on L2 raw voxels'),
+  'no_smoothing': ('', ['--config.segment.smoothing=0'], False, 'no Potts smoothing'),
+  'no_fill': ('', ['--config.segment.fill=False'], False, 'faces left unlabelled'),
+  'intensity_only': (
+    '',
+    ['--config.segment.features=intensity'],
+    False,
+    'hand-made: centre intensity, no CNN',
+  ),
+  'descriptor_only': (
+    '',
+    ['--config.segment.features=initial'],
+    False,
+    'hand-made: texture descriptor, no CNN',
+  ),
+}
+BASELINES = ('kmeans_intensity', 'multi_otsu', 'atropos')
+
+
+def _run(data: str, seed: int, variant: str, root: str) -> dict:
+  config, data_flags = DATA[data]
+  arg, flags, trains, _ = VARIANTS[variant]
+  workdir = os.path.join(root, f'{data}-s{seed}-{variant}')
+  reference = os.path.join(root, f'{data}-s{seed}-recommended')
+  shutil.rmtree(workdir, ignore_errors=True)
+  if variant != 'recommended' and os.path.isdir(os.path.join(reference, 'baselines')):
+    shutil.copytree(os.path.join(reference, 'baselines'), os.path.join(workdir, 'baselines'))
+  cmd = [
+    sys.executable, os.path.join(ROOT, 'launch.py'), f'--config={config}' + (f':{arg}' if arg else ''),
+    f'--workdir={workdir}', f'--config.seed={seed}', *data_flags, *flags,
+  ]  # fmt: skip
+  # Phase-2 variants segment with the recommended run's checkpoint (same training), then evaluate.
+  steps = [cmd] if trains else [
+    [*cmd, '--mode=segment', f'--config.segment.checkpoint={reference}'], [*cmd, '--mode=evaluate']
+  ]  # fmt: skip
+  t0 = time.time()
+  for step in steps:
+    proc = subprocess.run(step, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise SystemExit(f'{" ".join(step)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+  wall = time.time() - t0
+  with open(os.path.join(workdir, 'report.json')) as f:
+    rep = json.load(f)
+  return {
+    'nmi': rep['nmi'],
+    'uncovered': rep['uncovered_fraction'].get('jule3d'),
+    'wall_s': round(wall, 1),
+    'command': ' && '.join(' '.join(c[1:]).replace(ROOT + '/', '') for c in steps),
+  }
+
+
+def _fmt(v) -> str:
+  return '-' if v is None else f'{v:.3f}'
+
+
+def table(results: dict, data: str, seeds: list[int], variants: list[str]) -> str:
+  """Markdown table of one data set: a row per variant and per baseline, a column per seed."""
+  head = ['run', *[f'seed {s}' for s in seeds], 'mean', 'what']
+  rows = []
+
+  def row(name, values, what):
+    vals = [v for v in values if v is not None]
+    mean = sum(vals) / len(vals) if vals and len(vals) == len(values) else None
+    rows.append([name, *[_fmt(v) for v in values], _fmt(mean), what])
+
+  for v in variants:
+    got = [results.get(f'{data}/{s}/{v}') for s in seeds]
+    if any(g is not None for g in got):
+      row(f'jule3d {v}', [g and g['nmi']['jule3d'] for g in got], VARIANTS[v][3])
+  ref = [results.get(f'{data}/{s}/recommended') or results.get(f'{data}/{s}/paper') for s in seeds]
+  for b in BASELINES:
+    row(b, [g and g['nmi'].get(b) for g in ref], 'baseline (same voxels, same seed)')
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--data', default=','.join(DATA))
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--variants', default=','.join(VARIANTS))
+  p.add_argument('--workdir', default=os.path.join(ROOT, 'runs', 'quality'))
+  p.add_argument('--fresh', action='store_true', help='forget earlier results')
+  p.add_argument('--write', action='store_true', help='update BENCHMARKS.md')
+  a = p.parse_args(argv)
+  data = a.data.split(',')
+  seeds = [int(s) for s in a.seeds.split(',')]
+  variants = a.variants.split(',')
+  for name in data + variants:
+    if name not in DATA and name not in VARIANTS:
+      raise SystemExit(
+        f'unknown data set or variant {name!r}: expected {list(DATA)} / {list(VARIANTS)}'
+      )
+  if any(not VARIANTS[v][2] for v in variants) and 'recommended' not in variants:
+    variants = ['recommended', *variants]  # phase-2 variants reuse its checkpoint
+  variants = sorted(variants, key=lambda v: (v != 'recommended', list(VARIANTS).index(v)))
+  os.makedirs(a.workdir, exist_ok=True)
+  store = os.path.join(a.workdir, 'results.json')
+  results = {} if a.fresh or not os.path.exists(store) else json.load(open(store))
+  t0 = time.time()
+  for d in data:
+    for s in seeds:
+      for v in variants:
+        key = f'{d}/{s}/{v}'
+        if key in results:
+          continue
+        results[key] = _run(d, s, v, a.workdir)
+        print(f'{key}: jule3d {results[key]["nmi"]["jule3d"]:.3f} ({results[key]["wall_s"]:.0f} s)',
+              flush=True)  # fmt: skip
+        with open(store + '.tmp', 'w') as f:
+          json.dump(results, f, indent=1)
+        os.replace(store + '.tmp', store)
+  wall = time.time() - t0
+  body = [
+    'NMI (geometric, annotated voxels) of the whole CLI per data set, seed and variant '
+    '(bench/quality.py docstring); baselines from the same runs.',
+    f'This invocation: {wall / 60:.1f} min (runs already in {os.path.relpath(store, ROOT)} '
+    'are not repeated).',
+  ]
+  for d in data:
+    body += ['', f'### {d}', '', table(results, d, seeds, variants)]
+  text = '\n'.join(body)
+  cmd = 'python bench/quality.py ' + ' '.join(
+    x for x in (f'--data={a.data}', f'--seeds={a.seeds}', f'--variants={a.variants}') if x
+  )
+  common.publish('Segmentation quality', cmd, text, a.write)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,129 @@
+"""What period 0 clusters (config.cluster.initial_features): hand-made features of the raw patches.
+
+JULE's first clustering has no CNN to ask yet, so it clusters a fixed function of each normalised
+patch. The choice decides what the CNN is then trained to separate:
+  'raw'       the paper: the patch's voxels flattened and L2-normalised. L2 makes x and 2x
+              identical (intensity level and contrast are divided out), the centre voxel is one of
+              w^3 equal inputs, and two patches of a random-phase texture are nearly uncorrelated
+              whatever their tissue: the clusters follow what IS correlated between neighbouring
+              patches, the large structure around them (the specimen's border, README).
+  'windowed'  the voxels times a Gaussian window centred on the patch (std w/6), not normalised:
+              Euclidean distances keep intensity level and contrast and weight the centre most.
+  'texture'   three phase-invariant numbers per patch: the intensity level at the centre
+              (Gaussian-weighted mean, std 1 voxel) and the local energy (Gaussian-weighted standard
+              deviation about the weighted mean) at two scales (std 1.5 voxels and w/6); each
+              standardised over the patches clustered together.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _gauss_window(w: int, sigma: float) -> np.ndarray:
+  r = np.arange(w) - w // 2
+  g1 = np.exp(-0.5 * (r / sigma) ** 2)
+  g = g1[:, None, None] * g1[None, :, None] * g1[None, None, :]
+  return (g / g.sum()).astype(np.float32)
+
+
+@jax.jit
+def raw(data: jax.Array) -> jax.Array:
+  """[N, w, w, w] -> [N, w^3]: flattened and L2-normalised (the paper's period-0 input)."""
+  x = data.reshape(data.shape[0], -1)
+  return x / (jnp.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+
+
+@jax.jit
+def windowed(data: jax.Array) -> jax.Array:
+  """[N, w, w, w] -> [N, w^3]: voxels times a centred Gaussian window (std w/6), max weight 1."""
+  w = data.shape[1]
+  g = _gauss_window(w, w / 6.0)
+  g = g / g.max()
+  return (data * g).reshape(data.shape[0], -1)
+
+
+def texture_scales(w: int) -> tuple[float, float, float]:
+  """Window stds of the 'texture' descriptor: centre level, fine energy, coarse energy."""
+  return 1.0, 1.5, max(w / 6.0, 1.5)
+
+
+@jax.jit
+def texture_raw(data: jax.Array) -> jax.Array:
+  """[N, w, w, w] -> [N, 3] (level, fine energy, coarse energy), not yet standardised."""
+  w = data.shape[1]
+  s_level, s_fine, s_coarse = texture_scales(w)
+  x = data.reshape(data.shape[0], -1)
+  out = [x @ _gauss_window(w, s_level).reshape(-1)]
+  for s in (s_fine, s_coarse):
+    g = _gauss_window(w, s).reshape(-1)
+    m = x @ g
+    out.append(jnp.sqrt(jnp.maximum((x * x) @ g - m * m, 0.0)))
+  return jnp.stack(out, axis=1)
+
+
+def texture_volume(values: np.ndarray, w: int) -> np.ndarray:
+  """texture_raw of the patch centred on every voxel, by separable Gaussian filters: [Z, Y, X, 3].
+
+  The patch windows are the filters truncated at w // 2 and normalised over that support, so at
+  every centre whose patch lies inside the volume this equals texture_raw of that patch (up to
+  float rounding); elsewhere the volume is mirrored. Whole-volume memory (several float32 copies):
+  for the quality benchmark's hand-made ablation, not for lung-size volumes.
+
+  Args:
+    values: [Z, Y, X] normalised intensities.
+    w: patch edge.
+
+  Returns:
+    float32 [Z, Y, X, 3] (level, fine energy, coarse energy).
+  """
+  from scipy import ndimage
+
+  x = np.asarray(values, np.float64)
+
+  def smooth(a, sigma):
+    for axis in range(3):
+      a = ndimage.gaussian_filter1d(a, sigma, axis=axis, mode='mirror', radius=w // 2)
+    return a
+
+  s_level, s_fine, s_coarse = texture_scales(w)
+  out = [smooth(x, s_level)]
+  for s in (s_fine, s_coarse):
+    m = smooth(x, s)
+    out.append(np.sqrt(np.maximum(smooth(x * x, s) - m * m, 0.0)))
+  return np.stack(out, axis=-1).astype(np.float32)
+
+
+def standardise(f: np.ndarray) -> np.ndarray:
+  """Each column to mean 0, std 1 (a constant column stays 0)."""
+  f = np.asarray(f, np.float64)
+  sd = f.std(axis=0)
+  return ((f - f.mean(axis=0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
+
+
+def function(kind: str):
+  """The jitted per-batch part of a kind: [N, w, w, w] -> [N, D] (before `finish`)."""
+  fn = {'raw': raw, 'windowed': windowed, 'texture': texture_raw}.get(kind)
+  if fn is None:
+    raise ValueError(f'unknown initial features {kind!r}')
+  return fn
+
+
+def finish(kind: str, feats: np.ndarray) -> np.ndarray:
+  """The whole-set part of a kind: 'texture' columns standardised over the set, others as they are."""
+  feats = np.asarray(feats, np.float32)
+  return standardise(feats) if kind == 'texture' else feats
+
+
+def initial_features(kind: str, data: jax.Array, to_host=jax.device_get) -> np.ndarray:
+  """Period-0 features of normalised patches (module docstring).
+
+  Args:
+    kind: config.cluster.initial_features ('raw', 'windowed' or 'texture').
+    data: [N, w, w, w] normalised patches (device or host; may be split over processes).
+    to_host: gathers a (possibly sharded) device array to one numpy array.
+
+  Returns:
+    [N, D] float32 numpy array.
+  """
+  return finish(kind, to_host(function(kind)(data)))

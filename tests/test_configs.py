@@ -1,0 +1,82 @@
+"""The shipped configs: the recommended method by default, the paper's one ':paper' switch away."""
+
+import json
+import os
+
+import pytest
+
+from configs import base, demo, lung_a, lung_b, lung_c, mni152
+
+# The configs as they were before any extension of the paper existed (the paper's method, as the
+# project shipped it): ':paper' must reproduce them field for field.
+SNAPSHOT = os.path.join(os.path.dirname(__file__), 'data', 'paper_configs.json')
+# Fields added with the extensions, and their paper values (every extension off).
+PAPER_VALUES = {
+  'patches.mask_outside': False,
+  'patches.domain': 'foreground',
+  'cluster.initial_features': 'raw',
+  'segment.smoothing': 0.0,
+  'segment.fill': False,
+  'segment.features': 'cnn',
+}
+# Fields added since the snapshot: the extensions' switches and the Atropos baseline's settings.
+NEW_FIELDS = [f for f in PAPER_VALUES if f != 'patches.mask_outside']
+NEW_FIELDS += ['evaluate.atropos', 'evaluate.atropos_max_voxels']
+
+
+def _get(c, field):
+  group, name = field.split('.')
+  return c[group][name]
+
+
+def _without_new_fields(d):
+  d = json.loads(json.dumps(d))
+  for field in NEW_FIELDS:
+    group, name = field.split('.')
+    d[group].pop(name)
+  return d
+
+
+CONFIGS = {
+  'demo': (demo.get_config, ''),
+  'mni152': (mni152.get_config, ''),
+  'lung_c': (lung_c.get_config, ''),
+  'lung_c_cpu': (lung_c.get_config, 'cpu'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_paper_switch_reproduces_the_paper_configs(name):
+  get, arg = CONFIGS[name]
+  paper = get(','.join(w for w in (arg, 'paper') if w))
+  with open(SNAPSHOT) as f:
+    want = json.load(f)[name]
+  assert _without_new_fields(paper.to_dict()) == want
+  for field, value in PAPER_VALUES.items():
+    assert _get(paper, field) == value, field
+    assert _get(base.get_config(), field) == value, field
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_shipped_configs_use_the_recommended_method(name):
+  get, arg = CONFIGS[name]
+  c = get(arg)
+  paper = get(','.join(w for w in (arg, 'paper') if w))
+  for field, value in base.RECOMMENDED.items():
+    assert _get(c, field) == value, field
+  # Small volumes are segmented at stride 1 (the rule in configs/base.py); lung-size ones are not.
+  assert c.segment.stride == (1 if name in ('demo', 'mni152') else paper.segment.stride)
+  # Apart from the recommended fields and the stride, the method's config is the paper's.
+  for field in [*base.RECOMMENDED, 'segment.stride']:
+    group, fname = field.split('.')
+    c[group][fname] = paper[group][fname]
+  assert c.to_dict() == paper.to_dict()
+
+
+def test_every_lung_config_takes_cpu_and_paper():
+  for mod in (lung_a, lung_b, lung_c):
+    both = mod.get_config('cpu,paper')
+    assert both.model.conv_features == (16, 16, 16)
+    assert not both.patches.mask_outside and both.cluster.initial_features == 'raw'
+    with pytest.raises(ValueError, match='unknown'):
+      mod.get_config('gpu')
