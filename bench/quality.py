@@ -38,7 +38,7 @@ from bench import common  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = {
   'demo': ('configs/demo.py', []),
-  'phantom128': ('configs/demo.py', ["--config.data.phantom_shape='(128,128,128)'"]),
+  'phantom128': ('configs/demo.py', ['--config.data.phantom_shape=(128,128,128)']),
   'mni152': ('configs/mni152.py', []),
 }
 # name -> (config argument, flags, trains its own model, what it is)

@@ -31,3 +31,22 @@ def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('smoke'))
   run_cli('--config=configs/smoke.py', f'--workdir={workdir}', check=True)
   return workdir
+
+
+# Runs compared across device or process counts: their features differ in the last bits (another
+# summation order), and the Potts smoothing turns such a difference at a near-tie of its energy into
+# a flipped grid block (measured: 1 of 49 smoke grid points at a 0.005 energy gap), so they are
+# compared voxel for voxel with the smoothing off; the k-means labels have to agree exactly.
+NO_SMOOTHING = '--config.segment.smoothing=0'
+
+
+def one_process_segmentation(smoke_run: str, workdir: str, *flags: str):
+  """The labels of smoke_run's checkpoint segmented again by one process with `flags`."""
+  from jule3d import volume
+
+  run_cli(
+    '--config=configs/smoke.py', f'--workdir={workdir}', '--mode=segment',
+    f'--config.segment.checkpoint={smoke_run}', *flags, check=True,
+  )  # fmt: skip
+  seg = volume.open_volume(os.path.join(workdir, 'segmentation.zarr'))
+  return seg.read((0, 0, 0), seg.shape)

@@ -72,6 +72,7 @@ def test_pipeline_reads_training_patches_from_the_masked_copy(tmp_path):
 
   c = smoke.get_config()
   c.patches.mask_outside = True
+  c.patches.domain = 'foreground'  # masking alone (the 'specimen' domain is tested above)
   inputs = pipeline.resolve_inputs(c, str(tmp_path / 'w'), for_training=True)
   assert inputs.patch_source is inputs.content and inputs.content.path != inputs.image.path
   data = train.load_training_data(inputs)
