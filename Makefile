@@ -29,7 +29,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint ants
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # ANTsPy (the Atropos baseline) in its own virtualenv: its wheels pin an older numpy/scipy. Optional:
