@@ -45,16 +45,7 @@ DATA = {
 VARIANTS = {
   'recommended': ('', [], True, 'the recommended method (shipped configs)'),
   'paper': ('paper', [], True, "the paper's method (`:paper`)"),
-  'no_mask': ('', ['--config.patches.mask_outside=False'], True, 'no specimen masking'),
-  'no_domain': (
-    '',
-    ['--config.patches.domain=foreground'],
-    True,
-    'foreground only (no enclosed air)',
-  ),
-  'raw_init': ('', ['--config.cluster.initial_features=raw'], True, 'period 0 on L2 raw voxels'),
-  'no_smoothing': ('', ['--config.segment.smoothing=0'], False, 'no Potts smoothing'),
-  'no_fill': ('', ['--config.segment.fill=False'], False, 'faces left unlabelled'),
+  # Phase-2 variants first: they are cheap (the recommended run's checkpoint).
   'intensity_only': (
     '',
     ['--config.segment.features=intensity'],
@@ -67,6 +58,16 @@ VARIANTS = {
     False,
     'hand-made: texture descriptor, no CNN',
   ),
+  'no_smoothing': ('', ['--config.segment.smoothing=0'], False, 'no Potts smoothing'),
+  'no_fill': ('', ['--config.segment.fill=False'], False, 'faces left unlabelled'),
+  'raw_init': ('', ['--config.cluster.initial_features=raw'], True, 'period 0 on L2 raw voxels'),
+  'no_domain': (
+    '',
+    ['--config.patches.domain=foreground'],
+    True,
+    'foreground only (no enclosed air)',
+  ),
+  'no_mask': ('', ['--config.patches.mask_outside=False'], True, 'no specimen masking'),
 }
 BASELINES = ('kmeans_intensity', 'multi_otsu', 'atropos')
 
