@@ -167,11 +167,14 @@ def main(argv=None) -> int:
           json.dump(results, f, indent=1)
         os.replace(store + '.tmp', store)
   wall = time.time() - t0
+  keys = [f'{d}/{s}/{v}' for d in data for s in seeds for v in variants]
+  runs_s = sum(results[k]['wall_s'] for k in keys if k in results)
   body = [
     'NMI (geometric, annotated voxels) of the whole CLI per data set, seed and variant '
     '(bench/quality.py docstring); baselines from the same runs.',
-    f'This invocation: {wall / 60:.1f} min (runs already in {os.path.relpath(store, ROOT)} '
-    'are not repeated).',
+    f'Wall time of the {sum(k in results for k in keys)} runs of this table: {runs_s / 60:.0f} min '
+    f'(this invocation: {wall / 60:.1f} min; runs already in '
+    f'{os.path.relpath(store, ROOT)} are not repeated).',
   ]
   for d in data:
     body += ['', f'### {d}', '', table(results, d, seeds, variants)]
