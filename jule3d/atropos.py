@@ -75,10 +75,9 @@ def atropos_baseline(image, config, out_dir: str, overwrite: bool = False) -> di
   try:
     arr = image.read((0, 0, 0), image.shape)
     mask = patches.foreground(arr, c.data.threshold, c.data.foreground)
-    aff = image.affine if image.affine is not None else None
     files = [os.path.join(work, f) for f in ('image.nii.gz', 'mask.nii.gz', 'out.nii.gz')]
-    volume.write_nifti(files[0], arr.astype(np.float32), image.spacing, aff)
-    volume.write_nifti(files[1], mask.astype(np.uint8), image.spacing, aff)
+    volume.write_nifti(files[0], arr.astype(np.float32), image.spacing, image.affine)
+    volume.write_nifti(files[1], mask.astype(np.uint8), image.spacing, image.affine)
     del arr
     proc = subprocess.run(
       [py, _WORKER, *files, str(k), str(MRF_WEIGHT)], capture_output=True, text=True

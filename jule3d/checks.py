@@ -167,18 +167,18 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _int_at_least(c, 'segment.batch_size', 1)
   _int_at_least(c, 'segment.part_planes', 0)
   _int_at_least(c, 'evaluate.atropos_max_voxels', 1)
-  _require(
-    s.features != 'initial' or cl.initial_features == 'texture',
-    'segment.features',
-    s.features,
-    "'cnn' or 'intensity' with this cluster.initial_features ('initial' needs 'texture')",
-  )
   _require(s.smoothing >= 0, 'segment.smoothing', s.smoothing, 'a number >= 0 (0 = off)')
   _require(
     s.features in SEGMENT_FEATURES,
     'segment.features',
     s.features,
     ' or '.join(repr(f) for f in SEGMENT_FEATURES),
+  )
+  _require(
+    s.features != 'initial' or cl.initial_features == 'texture',
+    'segment.features',
+    s.features,
+    "'cnn' or 'intensity' with this cluster.initial_features ('initial' needs 'texture')",
   )
   procs = _int_at_least(c, 'distributed.num_processes', 1)
   pid = _int_at_least(c, 'distributed.process_id', 0)

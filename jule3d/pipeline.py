@@ -185,12 +185,12 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
 
     block = config.patches.outside_block
     with volume.read_errors(image):
-      if config.patches.mask_outside:
-        content = specimen.masked_volume(
-          image, d.threshold, d.foreground, block, cache, d.cache_chunk
-        )
       if config.patches.domain == 'specimen':
         interior = specimen.interior(image, d.threshold, d.foreground, block)
+      if config.patches.mask_outside:  # one pass over the volume for both (known=interior)
+        content = specimen.masked_volume(
+          image, d.threshold, d.foreground, block, cache, d.cache_chunk, known=interior
+        )
   return Inputs(config=config, image=image, labels=labels, content=content, interior=interior)
 
 

@@ -13,13 +13,14 @@ so beta is in units of the mean k-means distortion (scale-free: the same beta su
 space). The energy is lowered by iterated conditional modes (Besag 1986) with checkerboard
 updates: the two colour classes of the lattice are updated in turn, each voxel taking the label of
 least local energy given its neighbours; every half-sweep can only lower E, so it converges. It
-starts from the k-means labels (beta = 0 keeps them exactly). Memory: the lattice's bounding box of
-grid points, K float32 unary maps and one int8 label map.
+starts from the k-means labels (beta = 0 keeps them exactly). Memory: one uint8 label map over the
+bounding box of the grid points (plus a border of 0, "no grid point"), and the [M, K] data term.
 """
 
 import numpy as np
 
-_SHIFTS = [(a, d) for a in range(3) for d in (-1, 1)]
+_OFFSETS = np.array([(d if a == 0 else 0, d if a == 1 else 0, d if a == 2 else 0)
+                     for a in range(3) for d in (-1, 1)])  # fmt: skip
 
 
 def unary_terms(distances_sq: np.ndarray) -> np.ndarray:
@@ -36,18 +37,17 @@ def unary_terms(distances_sq: np.ndarray) -> np.ndarray:
   return (d / (scale if scale > 0 else 1.0)).astype(np.float32)
 
 
-def _neighbour_counts(lat: np.ndarray, k: int) -> np.ndarray:
-  """[K, *lat.shape] number of 6-neighbours with each label (label 0 = no grid point)."""
-  out = np.zeros((k,) + lat.shape, np.int8)
-  padded = np.pad(lat, 1)
-  core = tuple(slice(1, -1) for _ in range(3))
-  for axis, d in _SHIFTS:
-    sl = list(core)
-    sl[axis] = slice(1 + d, lat.shape[axis] + 1 + d)
-    nb = padded[tuple(sl)]
-    for j in range(k):
-      out[j] += nb == j + 1
-  return out
+def _lattice(centres: np.ndarray, labels: np.ndarray, stride: int):
+  """The labels on their lattice with a border of 0, and each centre's lattice index in it."""
+  idx = (centres - centres.min(axis=0)) // stride + 1
+  lat = np.zeros(tuple(int(n) for n in idx.max(axis=0) + 2), np.uint8)
+  lat[tuple(idx.T)] = labels
+  return lat, idx
+
+
+def _neighbours(lat: np.ndarray, idx: np.ndarray) -> np.ndarray:
+  """[m, 6] labels of the 6-neighbours of the lattice points idx (0 = no grid point)."""
+  return np.stack([lat[tuple((idx + o).T)] for o in _OFFSETS], axis=1)
 
 
 def potts_icm(
@@ -74,30 +74,25 @@ def potts_icm(
   labels = np.asarray(labels, np.uint8)
   if beta <= 0 or len(centres) == 0:
     return labels.copy(), 0
-  k = unary.shape[1]
-  lo = centres.min(axis=0)
-  idx = (centres - lo) // stride
-  shape = tuple(int(n) for n in idx.max(axis=0) + 1)
-  lat = np.zeros(shape, np.int8)
-  i0, i1, i2 = idx[:, 0], idx[:, 1], idx[:, 2]
-  lat[i0, i1, i2] = labels
-  colour = (i0 + i1 + i2) % 2
+  values = np.arange(1, unary.shape[1] + 1, dtype=np.uint8)
+  lat, idx = _lattice(centres, labels, stride)
+  colours = [np.flatnonzero((idx - 1).sum(axis=1) % 2 == c) for c in (0, 1)]
   sweeps = 0
   while sweeps < max_sweeps:
     sweeps += 1
     changed = 0
-    for c in (0, 1):
-      sel = colour == c
-      counts = _neighbour_counts(lat, k)[:, i0[sel], i1[sel], i2[sel]].T  # [m, K]
-      nb_total = counts.sum(axis=1, keepdims=True)
-      energy = unary[sel] + beta * (nb_total - counts)
-      new = (np.argmin(energy, axis=1) + 1).astype(np.int8)
-      old = lat[i0[sel], i1[sel], i2[sel]]
-      changed += int(np.count_nonzero(new != old))
-      lat[i0[sel], i1[sel], i2[sel]] = new
+    for sel in colours:  # a colour's points are not neighbours of each other: update them at once
+      nb = _neighbours(lat, idx[sel])
+      present = np.count_nonzero(nb, axis=1)
+      # beta per neighbour whose label differs from the candidate's
+      disagree = np.stack([present - np.count_nonzero(nb == v, axis=1) for v in values], axis=1)
+      new = values[np.argmin(unary[sel] + beta * disagree, axis=1)]
+      at = tuple(idx[sel].T)
+      changed += int(np.count_nonzero(new != lat[at]))
+      lat[at] = new
     if changed == 0:
       break
-  return lat[i0, i1, i2].astype(np.uint8), sweeps
+  return lat[tuple(idx.T)], sweeps
 
 
 def potts_energy(
@@ -115,15 +110,9 @@ def potts_energy(
   Returns:
     The energy, each neighbour pair counted once.
   """
-  labels = np.asarray(labels)
+  labels = np.asarray(labels, np.uint8)
   data = float(unary[np.arange(len(labels)), labels.astype(np.int64) - 1].sum())
-  lo = centres.min(axis=0)
-  idx = (centres - lo) // stride
-  lat = np.zeros(tuple(int(n) for n in idx.max(axis=0) + 1), np.int16)
-  lat[idx[:, 0], idx[:, 1], idx[:, 2]] = labels
-  pairs = 0
-  for axis in range(3):
-    a = np.take(lat, np.arange(lat.shape[axis] - 1), axis=axis)
-    b = np.take(lat, np.arange(1, lat.shape[axis]), axis=axis)
-    pairs += int(np.count_nonzero((a > 0) & (b > 0) & (a != b)))
+  lat, idx = _lattice(centres, labels, stride)
+  nb = _neighbours(lat, idx)
+  pairs = int(np.count_nonzero((nb > 0) & (nb != labels[:, None]))) // 2  # each pair seen twice
   return data + beta * pairs

@@ -100,6 +100,7 @@ class Interior:
 
   near: np.ndarray  # bool [ceil(Z/b), ceil(Y/b), ceil(X/b)] from coarse_outside
   block: int
+  fill: float  # the specimen's mean (coarse_outside), what masked_volume writes outside
 
   def inside(self, fg: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The domain at the voxels (z x y x x) whose foreground test is `fg` [len(z), len(y), len(x)]."""
@@ -120,8 +121,8 @@ def interior(vol, threshold: float, direction: str, block: int) -> Interior:
   Returns:
     The Interior.
   """
-  near, _ = coarse_outside(vol, threshold, direction, block)
-  return Interior(near=near, block=int(block))
+  near, fill = coarse_outside(vol, threshold, direction, block)
+  return Interior(near=near, block=int(block), fill=fill)
 
 
 def _cache_key(vol, threshold: float, direction: str, block: int) -> str:
@@ -135,7 +136,13 @@ def _cache_key(vol, threshold: float, direction: str, block: int) -> str:
 
 
 def masked_volume(
-  vol, threshold: float, direction: str, block: int, cache_dir: str, chunk: int = 64
+  vol,
+  threshold: float,
+  direction: str,
+  block: int,
+  cache_dir: str,
+  chunk: int = 64,
+  known: Interior | None = None,
 ) -> 'volume.Volume':
   """The volume with its outside replaced by the specimen's mean, cached as a zarr.
 
@@ -146,6 +153,8 @@ def masked_volume(
     block: coarse block edge (config.patches.outside_block).
     cache_dir: folder for the copy (WORKDIR/cache).
     chunk: zarr chunk edge.
+    known: the same volume's Interior (same threshold and block), if already computed: its
+      outside and fill are reused instead of another pass over the volume.
 
   Returns:
     The masked copy, opened (same shape, dtype, spacing and affine).
@@ -155,7 +164,9 @@ def masked_volume(
   """
   final = os.path.join(cache_dir, f'specimen-{_cache_key(vol, threshold, direction, block)}.zarr')
   if not os.path.isdir(final):
-    near, fill = coarse_outside(vol, threshold, direction, block)
+    near, fill = (
+      (known.near, known.fill) if known else coarse_outside(vol, threshold, direction, block)
+    )
     info = np.iinfo(vol.dtype) if vol.dtype.kind in 'iu' else None
     value = np.clip(np.rint(fill), info.min, info.max) if info is not None else fill
     logging.info(

@@ -279,6 +279,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
   m = sharding.mesh()
 
   partial = None  # progress inside the current period: {'start', 'merges', 'epochs_done', ...}
+  initial = None  # period-0 features, when the no-learning reference has already computed them
   if resume is None:
     t0 = time.time()
     data = load_training_data(inputs, m=m)
@@ -294,9 +295,8 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     period = 0
     history = {'periods': [], 'nmi_patches_raw': None}
     if data.truth is not None:
-      raw_labels = graph.agglomerate(
-        initial_features(c, data.patches), c.cluster.num_clusters, **_cluster_kwargs(c)
-      )
+      initial = initial_features(c, data.patches)  # period 0 clusters them too (below)
+      raw_labels = graph.agglomerate(initial, c.cluster.num_clusters, **_cluster_kwargs(c))
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
   else:
@@ -348,7 +348,8 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
         merges = 0  # the extra period on the final labels
       else:
         if period == 0:
-          feats = initial_features(c, data.patches)
+          feats = initial if initial is not None else initial_features(c, data.patches)
+          initial = None
         else:
           feats = extract_features(
             embed_fn,
