@@ -15,20 +15,36 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Input volume (SPEC 1) --------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.path = (
-    ''  # Volume: zarr/N5 dir, tensorstore JSON spec, .nii/.nii.gz, .tif/.tiff, TIFF folder, .npy.
-  )
+  # Volume: zarr/N5 dir, tensorstore JSON spec, .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, a folder of
+  # one DICOM series, .tif/.tiff, TIFF folder, .npy.
+  c.data.path = ''
   c.data.labels = ''  # Optional reference labels (0 = not annotated), any supported format.
-  c.data.threshold = 0.0  # Foreground intensity threshold in the volume's raw units.
+  # Foreground intensity threshold in the volume's raw units, or 'otsu': derived from the image's
+  # histogram (skimage's threshold_otsu), logged and recorded in report.json with the foreground
+  # fraction. Typed `object` so that a number and 'otsu' are both accepted (file and command line).
+  c.data.threshold = ml_collections.FieldReference(0.0, field_type=object)
   c.data.foreground = (
     'above'  # 'above': voxel >= threshold is specimen; 'below': voxel <= threshold.
   )
-  c.data.spacing = ()  # Voxel spacing override (per array axis); () = read from the file (else 1.0).
+  # Voxel spacing (per array axis) of an input that carries none (.npy, a zarr/N5 without a spacing
+  # attribute, an uncalibrated TIFF); () = none (then 1.0). A file's own spacing is the truth: a
+  # value here that disagrees with it is refused, unless data.spacing_override.
+  c.data.spacing = ()
+  c.data.spacing_override = False  # True: data.spacing replaces a file's (direction, origin kept).
   c.data.cache_chunk = 64  # Edge of the zarr chunks used when converting non-chunked inputs.
   c.data.builtin = ''  # With no data.path: 'mni152' = the MNI152 T1 template shipped by nilearn.
   c.data.phantom_shape = ()  # With no data.path: generate the built-in phantom of this shape.
   c.data.phantom_seed = 0  # Seed of that phantom (its labels become data.labels).
   c.data.expected_shape = ()  # Paper configs: the shape of the paper's volume (a mismatch is logged).
+  # Paper configs: the paper volume's spacing. Used for an input without spacing when data.spacing is
+  # unset; a file with its own keeps it (a mismatch is logged): never replaces a scan's header.
+  c.data.expected_spacing = ()
+  # The working grid (jule3d/working.py): a volume whose largest voxel edge exceeds its smallest by
+  # more than this factor is resampled to near-isotropic voxels (0 = never), of edge
+  # resample_spacing (0 = the geometric mean of the three: about as many voxels as the input).
+  # Labels are written back on the input's grid. Axes thinner than a patch are padded by mirroring.
+  c.data.max_anisotropy = 1.5
+  c.data.resample_spacing = 0.0
 
   # --- Patches (SPEC 1) -------------------------------------------------------------------
   c.patches = ml_collections.ConfigDict()
@@ -211,7 +227,7 @@ def paper_experiment(
     arg: the text after ':' in `--config=configs/lung_x.py:ARG`: comma-separated words, 'cpu'
       (CPU-size variant) and 'paper' (the paper's method, no extension), e.g. 'cpu,paper'.
     threshold: foreground threshold in the scanner's raw units.
-    spacing_mm: isotropic voxel edge in millimetres.
+    spacing_mm: isotropic voxel edge in millimetres (data.expected_spacing: a scan's own wins).
     shape: the paper volume's shape (checked against the user's volume, a mismatch is logged).
     num_clusters: C, the cluster count at which JULE stops merging.
 
@@ -220,7 +236,7 @@ def paper_experiment(
   """
   c = get_config()
   c.data.threshold = threshold
-  c.data.spacing = (spacing_mm,) * 3
+  c.data.expected_spacing = (spacing_mm,) * 3
   c.data.expected_shape = shape
   c.cluster.num_clusters = num_clusters
   words = parse_arg(arg, ('cpu', 'paper'))

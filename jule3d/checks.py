@@ -11,6 +11,8 @@ INITIAL_FEATURES = ('raw', 'windowed', 'texture')
 # config.segment.features: what phase 2 clusters; 'cnn' is the method, the others are its ablations
 # (the same pipeline with the learned features replaced by a hand-made input, jule3d/segment.py).
 SEGMENT_FEATURES = ('cnn', 'intensity', 'initial')
+# config.data.threshold given as a rule instead of a number (jule3d/foreground.py).
+THRESHOLD_RULES = ('otsu',)
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -62,14 +64,38 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   )
   thr = c.data.threshold
   _require(
-    isinstance(thr, (int, float)) and math.isfinite(thr), 'data.threshold', thr, 'a finite number'
+    thr in THRESHOLD_RULES
+    if isinstance(thr, str)
+    else isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr),
+    'data.threshold',
+    thr,
+    "a finite number (in the volume's units) or 'otsu' (derived from the image's histogram)",
   )
-  if c.data.spacing:
+  for field in ('spacing', 'expected_spacing'):
+    spacing = c.data.get(field, ())
+    if spacing:
+      _require(
+        len(spacing) == 3 and all(float(s) > 0 for s in spacing),
+        f'data.{field}',
+        spacing,
+        '() or three positive numbers (one per axis)',
+      )
+  override = c.data.get('spacing_override', False)
+  _require(isinstance(override, bool), 'data.spacing_override', override, 'True or False')
+  _require(
+    not override or bool(c.data.spacing),
+    'data.spacing_override',
+    override,
+    "config.data.spacing set too (the 3 voxel edges that replace the file's spacing)",
+  )
+  for field, low in (('max_anisotropy', 1.0), ('resample_spacing', 0.0)):
+    value = c.data[field]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     _require(
-      len(c.data.spacing) == 3 and all(float(s) > 0 for s in c.data.spacing),
-      'data.spacing',
-      c.data.spacing,
-      '() or three positive numbers (one per axis)',
+      ok and (value >= low or value == 0),
+      f'data.{field}',
+      value,
+      f'0 (off / automatic) or a number >= {low:g}' if low else '0 (automatic) or a positive edge',
     )
   _int_at_least(c, 'data.cache_chunk', 8)
   _require(c.data.builtin in ('', 'mni152'), 'data.builtin', c.data.builtin, "'' or 'mni152'")

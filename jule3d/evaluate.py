@@ -8,6 +8,11 @@ more cluster, so a segmentation cannot score by leaving hard voxels out.
 The baselines (jule3d/baselines.py: k-means on voxel intensity, multi-threshold Otsu) are scored
 with the same code on the same voxels.
 
+Without a reference nothing is scored, but the report is written all the same (`summarise`, one more
+streaming pass): the threshold and the foreground fraction, the share of the foreground voxels that
+got a label, the size of every segment of jule3d and of the baselines, the slices, the training
+record and the timings.
+
 `evaluate` writes report.json, report.md and figures/ (jule3d/report.py) into the workdir.
 """
 
@@ -19,12 +24,13 @@ import os
 import platform
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 
 import numpy as np
 from absl import logging
 from scipy.optimize import linear_sum_assignment
 
-from jule3d import atropos, baselines, files, report, volume
+from jule3d import atropos, baselines, files, foreground, patches, report, volume
 from jule3d.errors import UserError
 
 SEGMENTATION = 'segmentation.zarr'  # written by jule3d/segment.py
@@ -79,31 +85,46 @@ def _slabs(x, depth: int) -> Iterator[tuple[int, np.ndarray]]:
       yield z0, np.asarray(x[z0 : z0 + depth])
 
 
-def _check_labels(values: np.ndarray, what: str) -> None:
+def _first(bad: np.ndarray, values: np.ndarray, z0: int) -> str:
+  """'V at voxel (z, y, x)' of the first True of `bad` (the voxel only for a 3D slab)."""
+  index = tuple(int(i) for i in np.argwhere(bad)[0])
+  where = f' at voxel {(index[0] + z0, *index[1:])}' if values.ndim == 3 else ''
+  return f'{values[index].item():g}{where}'
+
+
+def _check_labels(values: np.ndarray, what: str, z0: int = 0) -> None:
   if values.dtype.kind == 'f':
-    if values.size and not np.array_equal(values, np.round(values)):
-      raise UserError(f'{what} holds non-integer values: expected integer labels.')
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+      raise UserError(
+        f'{what} holds non-integer values (the first: {_first(bad, values, z0)}): expected integer '
+        'labels (0 = not annotated, 1..n = classes; integers stored as floats are fine).'
+      )
   elif values.dtype.kind not in 'biu':
     raise UserError(f'{what} has dtype {values.dtype}: expected integer labels.')
   if values.dtype.kind != 'u' and values.size and values.min() < 0:
-    raise UserError(f'{what} holds negative values: expected labels >= 0.')
+    raise UserError(
+      f'{what} holds negative values (the first: {_first(values < 0, values, z0)}): expected '
+      'labels >= 0.'
+    )
 
 
 def check_reference(labels) -> None:
   """Reads a reference label volume once, slab by slab: every chunk readable, integer, >= 0.
 
   Called when the inputs are resolved, so that a bad label volume fails in seconds rather than
-  after training.
+  after training. Integer values stored as floats (1.0, 2.0) are accepted.
 
   Args:
     labels: the reference Volume (config.data.labels).
 
   Raises:
-    UserError: a damaged chunk, non-integer or negative labels, naming the volume.
+    UserError: a damaged chunk, non-integer or negative labels, naming the volume and the first
+      bad value.
   """
   with volume.read_errors(labels):
-    for _, slab in labels.slabs(baselines.slab_depth(labels.shape)):
-      _check_labels(slab, f'config.data.labels {labels.path!r}')
+    for z0, slab in labels.slabs(baselines.slab_depth(labels.shape)):
+      _check_labels(slab, f'config.data.labels {labels.path!r}', z0)
 
 
 def contingencies(reference, predictions: Mapping, *, slab_depth: int | None = None) -> dict:
@@ -134,7 +155,7 @@ def contingencies(reference, predictions: Mapping, *, slab_depth: int | None = N
   planes = np.zeros(shape[0], np.int64)
   for z0, ref in _slabs(reference, slab_depth or baselines.slab_depth(shape)):
     ref = np.asarray(ref)
-    _check_labels(ref, 'the reference labels')
+    _check_labels(ref, 'the reference labels', z0)
     mask = ref > 0
     per_plane = mask.reshape(len(mask), -1).sum(axis=1)
     planes[z0 : z0 + len(mask)] = per_plane
@@ -333,11 +354,142 @@ def class_names(labels) -> dict[int, str]:
   return {int(k): str(v) for k, v in names.items() if str(k).isdigit() and int(k) > 0}
 
 
-def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
-  """Scores WORKDIR/segmentation.zarr and the baselines; writes report.json, report.md, figures/.
+def _input_image(inputs):
+  # The volume as the user gave it (pipeline.Inputs.input_volume): scores, baselines and the
+  # report live on its grid, also when the method ran on a working copy.
+  return getattr(inputs, 'input_volume', None) or inputs.image
+
+
+def _working_grid(inputs, img) -> dict | None:
+  # Where the method ran, when not on the input's own grid (jule3d/working.py).
+  grid = getattr(inputs, 'grid', None)
+  if grid is None:
+    return None
+  from jule3d import working
+
+  return {
+    'shape': list(grid.shape),
+    'spacing': [float(s) * k for s, k in zip(img.spacing, grid.scale, strict=True)],
+    'pad': list(grid.pad),
+    'description': working.describe(grid, img.spacing),
+  }
+
+
+def _counts(labels: np.ndarray) -> np.ndarray:
+  """Voxels per label value (index = label)."""
+  flat = labels.ravel()
+  if flat.dtype == np.uint8:
+    return np.bincount(flat, minlength=256)
+  values, n = np.unique(flat.astype(np.int64), return_counts=True)
+  out = np.zeros(int(values.max()) + 1 if values.size else 1, np.int64)
+  out[values] = n
+  return out
+
+
+def _add(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  if len(counts) > len(total):
+    total = np.concatenate([total, np.zeros(len(counts) - len(total), total.dtype)])
+  total[: len(counts)] += counts
+  return total
+
+
+def summarise(inputs, predictions: Mapping, *, slab_depth: int | None = None) -> dict:
+  """Foreground, coverage and segment sizes, in one streaming pass over image and label volumes.
+
+  Needs no reference. The domain is what jule3d.patches.in_domain says for the config (the
+  foreground, or the specimen interior with config.patches.domain = 'specimen').
 
   Args:
-    inputs: pipeline.Inputs (or any object with .config, .image, .labels).
+    inputs: pipeline.Inputs (config with a numeric data.threshold, image, interior).
+    predictions: method name -> label Volume or array of the image's shape; 'jule3d' must be one.
+    slab_depth: planes per slab (default: ~8M voxels, at most 64).
+
+  Returns:
+    {'threshold': {'value', 'rule', 'direction', 'foreground_voxels', 'foreground_fraction'},
+     'coverage': {'domain', 'foreground_voxels', 'labelled_voxels', 'labelled_fraction'} (the
+       domain voxels jule3d labelled > 0),
+     'segments': method -> {'labelled_voxels', 'unlabelled_voxels', 'sizes': [{'label',
+       'voxels', 'fraction' (of the method's labelled voxels)}]},
+     'matching': method -> {label (str): jule3d label}, the Hungarian match of every other
+       method's labels to jule3d's over the voxels jule3d labelled (colours without a reference)}.
+  """
+  c = inputs.config
+  img = _input_image(inputs)
+  interior = getattr(inputs, 'interior', None)
+  domain = c.patches.domain
+  if getattr(inputs, 'grid', None) is not None:  # the interior lives on the working grid
+    interior, domain = None, 'foreground'
+  thr, direction = float(c.data.threshold), c.data.foreground
+  shape = tuple(img.shape)
+  fg_voxels = dom_voxels = labelled = 0
+  sizes = {name: np.zeros(1, np.int64) for name in predictions}
+  cross = {name: {} for name in predictions if name != 'jule3d'}
+  with volume.read_errors(img):
+    for z0, slab in _slabs(img, slab_depth or baselines.slab_depth(shape)):
+      z1 = z0 + len(slab)
+      reads = {name: _read(pred, z0, z1) for name, pred in predictions.items()}
+      fg = patches.foreground(slab, thr, direction)
+      coords = (np.arange(z0, z1), np.arange(shape[1]), np.arange(shape[2]))
+      dom = fg if interior is None else patches.in_domain(slab, thr, direction, interior, coords)
+      fg_voxels += int(fg.sum())
+      dom_voxels += int(dom.sum())
+      got = {}
+      for name, result in reads.items():
+        pred = predictions[name]
+        with volume.read_errors(pred) if isinstance(pred, volume.Volume) else nullcontext():
+          got[name] = np.asarray(result())
+        sizes[name] = _add(sizes[name], _counts(got[name]))
+      seg = got['jule3d']
+      labelled += int(np.count_nonzero(seg[dom]))
+      mask = seg > 0
+      if mask.any():
+        r = seg[mask].astype(np.int64)
+        for name in cross:
+          _accumulate(cross[name], r, got[name][mask].astype(np.int64))
+  total = math.prod(shape)
+  segments = {}
+  for name, n in sizes.items():
+    done = int(n[1:].sum())
+    segments[name] = {
+      'labelled_voxels': done,
+      'unlabelled_voxels': int(n[0]),
+      'sizes': [
+        {'label': int(v), 'voxels': int(n[v]), 'fraction': int(n[v]) / done}
+        for v in np.flatnonzero(n[1:]) + 1
+      ],
+    }
+  matching = {'jule3d': {str(s['label']): s['label'] for s in segments['jule3d']['sizes']}}
+  for name, counts in cross.items():
+    matching[name] = {str(p): r for p, r in match_labels(_to_table(counts, np.zeros(0))).items()}
+  return {
+    'threshold': {
+      'value': thr,
+      'rule': c.data.get('threshold_rule', foreground.GIVEN),
+      'direction': direction,
+      'foreground_voxels': fg_voxels,
+      'foreground_fraction': fg_voxels / total,
+    },
+    'coverage': {
+      'domain': domain,
+      'foreground_voxels': dom_voxels,
+      'labelled_voxels': labelled,
+      'labelled_fraction': labelled / dom_voxels if dom_voxels else None,
+    },
+    'segments': segments,
+    'matching': matching,
+  }
+
+
+def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
+  """Summarises and, with reference labels, scores WORKDIR/segmentation.zarr and the baselines.
+
+  Always writes report.json, report.md and figures/: segment sizes, coverage of the foreground,
+  the threshold, the slices, the training record and the timings; with config.data.labels also
+  NMI and matched Dice on the annotated voxels. A figure that cannot be drawn is one warning and a
+  note ('figures_error'), never a failed report.
+
+  Args:
+    inputs: pipeline.Inputs (or any object with .config, .image, .labels; .interior optional).
     workdir: the run directory.
     overwrite: recompute the baselines even when valid stores exist (the report itself is always
       rewritten: it is cheap and derived).
@@ -346,76 +498,97 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
     The report dict (what report.json holds).
 
   Raises:
-    UserError: no reference labels, no segmentation yet, mismatched shapes, or a reference with no
-      annotated voxel.
+    UserError: no segmentation yet, mismatched shapes, or a reference with no annotated voxel.
   """
   t0 = time.time()
   c = inputs.config
-  if inputs.labels is None:
-    raise UserError(
-      '--mode=evaluate needs reference labels: set config.data.labels (a label volume of the '
-      "image's shape, 0 = not annotated, 1..n = classes)."
-    )
+  img, labels = _input_image(inputs), inputs.labels
   seg_path = os.path.join(workdir, SEGMENTATION)
   if not os.path.isdir(seg_path):
     raise UserError(f'{seg_path!r} does not exist: run --mode=segment first (or --mode=all).')
   seg = volume.open_volume(seg_path, name='segmentation')
-  for what, vol in (('segmentation', seg), ('config.data.labels', inputs.labels)):
-    if vol.shape != inputs.image.shape:
+  for what, vol in (('segmentation', seg), ('config.data.labels', labels)):
+    if vol is not None and vol.shape != img.shape:
       raise UserError(
-        f'{what} {vol.path!r} has shape {vol.shape}, the image {inputs.image.shape}: label volumes '
+        f'{what} {vol.path!r} has shape {vol.shape}, the image {img.shape}: label volumes '
         'must match the image voxel for voxel (was the segmentation made from another image?).'
       )
   k = int(c.segment.num_segments)
   if not 1 <= k <= 255:
     raise UserError(f'config.segment.num_segments = {k}: expected 1..255 (uint8 labels).')
-  with volume.read_errors(seg):  # our own output, damaged on disk: rerun --mode=segment
-    tables = contingencies(inputs.labels, {'jule3d': seg})
-  if not tables['jule3d'].total:
-    raise UserError(
-      f'config.data.labels {inputs.labels.path!r} has no annotated voxel (all 0): expected '
-      'class labels 1..n on at least one slice.'
-    )
+  if isinstance(c.data.threshold, str):  # not resolved by pipeline.resolve_inputs
+    foreground.resolve_threshold(c, img)
+  tables = {}
+  if labels is not None:
+    with volume.read_errors(seg):  # our own output, damaged on disk: rerun --mode=segment
+      tables = contingencies(labels, {'jule3d': seg})
+    if not tables['jule3d'].total:
+      raise UserError(
+        f'config.data.labels {labels.path!r} has no annotated voxel (all 0): expected '
+        'class labels 1..n on at least one slice.'
+      )
   out_dir = os.path.join(workdir, BASELINES_DIR)
-  computed = baselines.intensity_baselines(inputs.image, c, out_dir, overwrite=overwrite)
-  computed[atropos.NAME] = atropos.atropos_baseline(inputs.image, c, out_dir, overwrite=overwrite)
+  computed = baselines.intensity_baselines(img, c, out_dir, overwrite=overwrite)
+  computed[atropos.NAME] = atropos.atropos_baseline(img, c, out_dir, overwrite=overwrite)
   ready = {n: volume.open_volume(b['path'], name=n) for n, b in computed.items() if 'path' in b}
-  tables.update(contingencies(inputs.labels, ready))
-  names = class_names(inputs.labels)
-  result = _scores(tables, names, computed)
-  result['annotated_voxels'] = tables['jule3d'].total
-  figures = {}
+  summary = summarise(inputs, {'jule3d': seg, **ready})  # reads name a damaged volume
+  names, classes = {}, ()
+  if labels is not None:
+    tables.update(contingencies(labels, ready))
+    names = class_names(labels)
+    classes = tables['jule3d'].reference_labels.tolist()
+    result = _scores(tables, names, computed)
+    result['annotated_voxels'] = tables['jule3d'].total
+    colouring, planes = result, tables['jule3d'].planes
+  else:
+    result = {}
+    colouring, planes = {'nmi': {}, 'matching': summary['matching']}, None
+  history = _read_json(os.path.join(workdir, HISTORY))
+  figures, figure_errors = {}, {}
   if c.evaluate.figures:
-    figures = report.write_figures(
-      workdir, inputs, {'jule3d': seg, **ready}, tables, result, names,
-      _read_json(os.path.join(workdir, HISTORY)),
-    )  # fmt: skip
+    figures, figure_errors = report.write_figures(
+      workdir, inputs, {'jule3d': seg, **ready}, planes, colouring, names, history, classes
+    )
   timings = _read_json(os.path.join(workdir, TIMINGS))
   timings = timings if isinstance(timings, dict) else {}
   timings['evaluate'] = round(time.time() - t0, 3)
-  img = inputs.image
   out = {
     **result,
+    'reference': labels is not None,
+    'threshold': summary['threshold'],
+    'coverage': summary['coverage'],
+    'segments': {m: summary['segments'].get(m) for m in METHODS},
     'timing_s': {'train': timings.get('train'), 'segment': timings.get('segment'), **timings},
     'volume': {
       'path': img.path,
       'shape': list(img.shape),
       'spacing': list(img.spacing),
+      'affine': None if img.affine is None else np.asarray(img.affine).tolist(),
+      'geometry': getattr(img, 'geometry', None),  # where the spacing came from (volume.py)
+      'working_grid': _working_grid(inputs, img),
       'dtype': str(img.dtype),
-      'labels': inputs.labels.path,
+      'labels': labels.path if labels is not None else None,
       'segmentation': seg_path,
     },
     'baselines': computed,
     'figures': figures,
+    'figures_error': figure_errors or None,
     'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
     'config': json.loads(c.to_json_best_effort()),
     'versions': versions(),
-    'train_history': _read_json(os.path.join(workdir, HISTORY)),
+    'train_history': history,
   }
   files.write_json_atomic(os.path.join(workdir, 'report.json'), out)
   files.write_text_atomic(os.path.join(workdir, 'report.md'), report.markdown(out))
   files.write_json_atomic(os.path.join(workdir, TIMINGS), timings)
-  logging.info('NMI %s; report in %s', out['nmi'], os.path.join(workdir, 'report.md'))
+  cov = summary['coverage']['labelled_fraction']
+  logging.info(
+    '%slabelled %s of the %d foreground voxels; report in %s',
+    f'NMI {out["nmi"]}; ' if 'nmi' in out else 'no reference labels (no NMI); ',
+    '-' if cov is None else f'{cov:.1%}',
+    summary['coverage']['foreground_voxels'],
+    os.path.join(workdir, 'report.md'),
+  )
   return out
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jule3d import progress
 from jule3d.errors import UserError
 
 
@@ -181,7 +182,9 @@ def sample_centres(
   out = np.empty((num, 3), dtype=np.int32)
   planes = np.unique(plane_of_rank)
   done = 0
+  shown = progress.Progress('sampling training centres', int(hi[0] - lo[0]), 'planes')
   for z0, z1 in _slab_ranges(int(lo[0]), int(hi[0]), slab_depth):
+    shown.update(int(z1 - lo[0]))
     wanted = planes[(planes >= z0) & (planes < z1)]
     if wanted.size == 0:
       continue
@@ -318,8 +321,11 @@ def read_patches(volume, centres: np.ndarray, patch_size: int, slab_depth: int =
   """
   dtype = np.float32 if volume.dtype == np.float64 else volume.dtype
   out = np.empty((len(centres),) + (patch_size,) * 3, dtype=dtype)
+  shown, done = progress.Progress('reading training patches', len(centres), 'patches'), 0
   for idx, patches in iter_patches(volume, centres, patch_size, slab_depth):
     out[idx] = patches
+    done += len(patches)
+    shown.update(done)
   return out
 
 

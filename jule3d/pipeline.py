@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from jule3d import checks, files, patches, sharding, volume
+from jule3d import checks, files, foreground, patches, sharding, volume, working
 from jule3d.errors import UserError
 
 MODES = ('all', 'train', 'segment', 'evaluate')
@@ -43,6 +43,15 @@ class Inputs:
   labels: volume.Volume | None
   content: volume.Volume | None = None
   interior: Any = None  # specimen.Interior when config.patches.domain == 'specimen'
+  # When the input's own grid does not suit 3D patches (jule3d/working.py): `image` is the working
+  # copy (resampled, padded), `original` the input as opened, `grid` the map between the two.
+  original: volume.Volume | None = None
+  grid: Any = None  # working.Grid
+
+  @property
+  def input_volume(self) -> volume.Volume:
+    """The volume as the user gave it: outputs take its shape and geometry, scores its grid."""
+    return self.original if self.original is not None else self.image
 
   @property
   def patch_source(self) -> volume.Volume:
@@ -66,7 +75,8 @@ def resolve_inputs(
       foreground patches (so that `--mode=all` does not find out only after training).
 
   Returns:
-    Inputs with config.data.path (and labels) resolved.
+    Inputs with config.data.path (and labels) resolved, and config.data.threshold a number ('otsu'
+    derived from the image: jule3d/foreground.py).
 
   Raises:
     UserError: any bad field or input, before expensive work.
@@ -155,11 +165,19 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
       config.data.labels = paths['labels']
   cache = os.path.join(workdir, 'cache')
   d = config.data
+  # The file's geometry is the truth: data.spacing only fills in a missing one (or replaces it with
+  # data.spacing_override); the labels, of the same scan, are opened under the same rules.
+  geometry = {
+    'spacing': tuple(d.spacing),
+    'spacing_override': bool(d.get('spacing_override', False)),
+    'expected_spacing': tuple(d.get('expected_spacing', ())),
+  }
   image = volume.open_volume(
-    d.path, cache_dir=cache, spacing=tuple(d.spacing), chunk=d.cache_chunk, name='data.path'
+    d.path, cache_dir=cache, chunk=d.cache_chunk, name='data.path', **geometry
   )
   with volume.read_errors(image):
-    volume.validate_volume(image, min_size=config.patches.patch_size)
+    volume.validate_volume(image)  # any size: thinner than a patch is padded (working.plan)
+    foreground.resolve_threshold(config, image)  # 'otsu' -> a number; logs the foreground share
   if d.expected_shape and tuple(d.expected_shape) != image.shape:
     logging.warning(
       "volume shape %s differs from this config's paper volume %s: fine for your own data, "
@@ -170,15 +188,31 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     )
   labels = None
   if d.labels:
-    labels = volume.open_volume(d.labels, cache_dir=cache, chunk=d.cache_chunk, name='data.labels')
+    labels = volume.open_volume(
+      d.labels, cache_dir=cache, chunk=d.cache_chunk, name='data.labels', **geometry
+    )
     if labels.shape != image.shape:
       raise UserError(
         f'config.data.labels {d.labels!r} has shape {labels.shape}, but the image has shape '
         f'{image.shape}: the label volume must match the image voxel for voxel.'
       )
+    volume.check_same_grid(image, labels, name='data.labels')
   logging.info(
-    'volume %s: shape %s, %s, spacing %s', d.path, image.shape, image.dtype, image.spacing
+    'volume %s: shape %s, %s, spacing %s (from: %s)',
+    d.path,
+    image.shape,
+    image.dtype,
+    image.spacing,
+    image.geometry,
   )
+  original = None
+  grid = working.plan(
+    image.shape, image.spacing, config.patches.patch_size, d.max_anisotropy, d.resample_spacing
+  )
+  if grid is not None:  # the method runs on a working copy, outputs come back on this grid
+    logging.info('working grid: %s', working.describe(grid, image.spacing))
+    with volume.read_errors(image):
+      original, image = image, working.working_volume(image, grid, cache, d.cache_chunk)
   content = interior = None
   if config.patches.mask_outside or config.patches.domain == 'specimen':
     from jule3d import specimen
@@ -191,7 +225,15 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
         content = specimen.masked_volume(
           image, d.threshold, d.foreground, block, cache, d.cache_chunk, known=interior
         )
-  return Inputs(config=config, image=image, labels=labels, content=content, interior=interior)
+  return Inputs(
+    config=config,
+    image=image,
+    labels=labels,
+    content=content,
+    interior=interior,
+    original=original,
+    grid=grid,
+  )
 
 
 def _check_enough_centres(inputs: Inputs) -> None:
@@ -241,8 +283,8 @@ def run(
   Args:
     config: the run config.
     workdir: the run's directory.
-    mode: 'all' (train -> segment -> evaluate when labels are configured), 'train', 'segment' or
-      'evaluate'.
+    mode: 'all' (train -> segment -> evaluate: the report, scored when labels are configured),
+      'train', 'segment' or 'evaluate'.
     overwrite: replace existing outputs instead of refusing.
   """
   if mode not in MODES:
@@ -282,7 +324,7 @@ def run(
   sharding.barrier('jule3d-segmented')
   if not primary:
     return None  # evaluation reads the finished label volume: one process does it
-  if mode == 'evaluate' or (mode == 'all' and inputs.labels is not None):
+  if mode in ('all', 'evaluate'):  # the report is written with or without reference labels
     from jule3d import evaluate
 
     report = evaluate.evaluate(inputs, workdir, overwrite=overwrite)

@@ -7,10 +7,12 @@ panel; unmatched clusters get colours of their own; 0 (not annotated / not cover
 is black.
 """
 
+import colorsys
 import math
 import os
 
 import numpy as np
+from absl import logging
 from scipy import ndimage
 
 from jule3d import volume
@@ -24,10 +26,13 @@ TITLES = {
   'multi_otsu': 'multi-Otsu',
   'atropos': 'Atropos (GMM + MRF)',
 }
-# Class colours (tab10 without its grey), then colours for clusters matched to no class.
+# Class colours (tab10 without its grey).
 _CLASS_COLOURS = (
   '#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#bcbd22', '#17becf',
 )  # fmt: skip
+# More classes: saturated colours unlike the ones above, then golden-angle hues (report._palette).
+_MORE_CLASS_COLOURS = ('#ffe119', '#46f0f0', '#f032e6', '#bcf60c', '#008080', '#800000', '#808000')
+# Pale colours for clusters matched to no class (then pale golden-angle hues).
 _EXTRA_COLOURS = ('#aec7e8', '#ffbb78', '#98df8a', '#ff9896', '#c5b0d5', '#f7b6d2')
 _AXES = ((1, 2), (0, 2), (0, 1))  # displayed (row, column) array axes of a slice across axis 0/1/2
 CAPTION = (
@@ -36,6 +41,13 @@ CAPTION = (
   'the reference classes (same colour = matched to the same class); clusters matched to no class '
   'have colours of their own; black = 0 (not annotated in the reference, not covered or background '
   'in a prediction). Pixel aspect follows the voxel spacing.'
+)
+CAPTION_NO_REFERENCE = (
+  'Three orthogonal slices (rows). Columns: image, jule3d, and the intensity baselines. No reference '
+  "was given: jule3d's segments have one colour each, and each baseline is recoloured by its "
+  "Hungarian match to jule3d's segments over the voxels jule3d labelled (same colour = matched); "
+  'labels matched to none have pale colours of their own; black = 0 (not labelled). Pixel aspect '
+  'follows the voxel spacing.'
 )
 
 
@@ -103,58 +115,113 @@ def _annotation_thickness(planes: np.ndarray, depth: int, ratios) -> list[int]:
   return out
 
 
-def write_figures(workdir, inputs, predictions, tables, scores, names, history) -> dict[str, str]:
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0]}' if text else type(e).__name__
+
+
+def write_figures(
+  workdir, inputs, predictions, planes, scores, names, history, classes=()
+) -> tuple[dict[str, str], dict[str, str]]:
   """Writes figures/slices.png and (with a training history) figures/training.png.
+
+  A figure that fails to draw (any exception) is one warning and an entry in the errors: the
+  report is written without it.
 
   Args:
     workdir: the run directory.
-    inputs: pipeline.Inputs (image and reference labels).
+    inputs: pipeline.Inputs (image and reference labels, which may be None).
     predictions: method name -> label Volume.
-    tables: method name -> evaluate.Contingency.
-    scores: evaluate's scores ('nmi', 'matching').
+    planes: annotated voxels per axis-0 plane, or None without a reference.
+    scores: 'nmi' (may be empty) and 'matching' (see draw_slices).
     names: reference class -> name.
     history: train_history.json content, or None.
+    classes: every reference class (each keeps its colour even when absent from the slices).
 
   Returns:
-    figure name -> path relative to workdir.
+    (figure name -> path relative to workdir, figure name -> first line of its error).
   """
   folder = os.path.join(workdir, FIGURES_DIR)
   os.makedirs(folder, exist_ok=True)
-  out = {'slices': f'{FIGURES_DIR}/slices.png'}
-  draw_slices(
-    os.path.join(workdir, out['slices']), inputs.image, inputs.labels, predictions,
-    tables['jule3d'].planes, scores, names,
-  )  # fmt: skip
+  image = getattr(inputs, 'input_volume', None) or inputs.image
+  jobs = {
+    'slices': lambda path: draw_slices(
+      path, image, inputs.labels, predictions, planes, scores, names, classes=classes
+    )
+  }
   if history and history.get('periods'):
-    out['training'] = f'{FIGURES_DIR}/training.png'
-    draw_training(os.path.join(workdir, out['training']), history)
+    jobs['training'] = lambda path: draw_training(path, history)
+  done, errors = {}, {}
+  for name, draw in jobs.items():
+    rel = f'{FIGURES_DIR}/{name}.png'
+    try:
+      draw(os.path.join(workdir, rel))
+    except Exception as e:  # a figure is never worth the report
+      errors[name] = _first_line(e)
+      logging.warning('figure %s not drawn: %s', rel, errors[name])
+      continue
+    done[name] = rel
+  return done, errors
+
+
+def _palette(n: int, pale: bool = False) -> list[np.ndarray]:
+  """n distinct colours: the fixed ones first, then golden-angle hues (never black or grey)."""
+  fixed = _EXTRA_COLOURS if pale else _CLASS_COLOURS + _MORE_CLASS_COLOURS
+  out = [_rgb(c) for c in fixed[:n]]
+  for i in range(len(out), n):
+    hue = (i * 0.618033988749895) % 1.0
+    sat, val = (0.3, 0.97) if pale else (0.8, (0.95, 0.7)[i % 2])
+    out.append(np.array(colorsys.hsv_to_rgb(hue, sat, val)))
   return out
 
 
-def draw_slices(path, image, reference, predictions, planes, scores, names) -> None:
+_LEGEND_MAX = 24  # classes named in the legend; more are summarised in one entry
+
+
+def draw_slices(path, image, reference, predictions, planes, scores, names, *, classes=()) -> None:
   """Image, reference and predictions on three orthogonal slices, side by side.
+
+  Every class gets a colour of its own, however many; a predicted label takes the colour of the
+  class it is matched to, unmatched labels pale colours of their own (the same in every row).
 
   Args:
     path: output PNG.
     image: image Volume.
-    reference: reference label Volume.
+    reference: reference label Volume, or None: no reference column, and the classes are jule3d's
+      segments (scores['matching'] maps each baseline's labels onto them).
     predictions: method name -> label Volume (missing methods are drawn as empty panels).
-    planes: annotated voxels per axis-0 plane (chooses the axis-0 slice).
-    scores: with 'nmi' and 'matching' (method -> {predicted label (str): reference class}).
+    planes: annotated voxels per axis-0 plane (chooses the axis-0 slice); None: the centre.
+    scores: with 'matching' (method -> {predicted label (str): class}) and optionally 'nmi'.
     names: reference class -> name.
+    classes: every reference class, also those absent from the drawn slices.
   """
   from matplotlib.figure import Figure
   from matplotlib.patches import Patch
 
+  planes = np.zeros(image.shape[0], np.int64) if planes is None else np.asarray(planes)
   pos = slice_positions(image.shape, planes)
   cuts = [_cut(image, a, pos[a]).astype(np.float64) for a in range(3)]
   lo, hi = np.percentile(np.concatenate([c.ravel() for c in cuts]), [0.5, 99.5])
-  refs = [_cut(reference, a, pos[a]) for a in range(3)]
-  classes = sorted({int(v) for r in refs for v in np.unique(r) if v > 0} | set(names))
-  colour = {c: _rgb(_CLASS_COLOURS[i % len(_CLASS_COLOURS)]) for i, c in enumerate(classes)}
+  refs = None if reference is None else [_cut(reference, a, pos[a]) for a in range(3)]
   methods = ['jule3d', 'kmeans_intensity', 'multi_otsu']
   methods += [m for m in predictions if m not in methods]  # the optional baselines computed
-  columns = ['image', 'reference', *methods]
+  columns = ['image', *([] if refs is None else ['reference']), *methods]
+  matching = {
+    m: {int(p): int(r) for p, r in ((scores.get('matching') or {}).get(m) or {}).items()}
+    for m in methods
+  }
+  labels = {m: [_cut(predictions[m], a, pos[a]) for a in range(3)] for m in predictions}
+  shown_values = {
+    m: {int(v) for cut in cs for v in np.unique(cut) if v > 0} for m, cs in labels.items()
+  }
+  in_refs = set() if refs is None else {int(v) for r in refs for v in np.unique(r) if v > 0}
+  every = {int(c) for c in classes} | set(names) | in_refs
+  every |= {r for match in matching.values() for r in match.values()}
+  colour = dict(zip(sorted(every), _palette(len(every)), strict=True))
+  extra = {}  # method -> {unmatched label: colour}, the same in all three rows
+  for m, values in shown_values.items():
+    unmatched = sorted(values - set(matching[m]))
+    extra[m] = dict(zip(unmatched, _palette(len(unmatched), pale=True), strict=True))
   sp = image.spacing
   # Rows as tall as their slices (in physical units) so elongated volumes waste no space.
   extent = [(image.shape[r] * sp[r], image.shape[c] * sp[c]) for r, c in _AXES]
@@ -165,9 +232,9 @@ def draw_slices(path, image, reference, predictions, planes, scores, names) -> N
   axes = fig.subplots(3, len(columns), squeeze=False, gridspec_kw={'height_ratios': ratios})
   thick = _annotation_thickness(planes, image.shape[0], ratios)
   for a in (1, 2):  # annotated slices cross these cuts as lines along axis 1 / 2
-    if thick[a] > 1:
+    if refs is not None and thick[a] > 1:
       refs[a] = ndimage.grey_dilation(refs[a], size=(thick[a], 1))
-  extra_used = 0
+  nmis = scores.get('nmi') or {}
   for a in range(3):
     row_ax, col_ax = _AXES[a]
     aspect = sp[row_ax] / sp[col_ax]
@@ -182,30 +249,38 @@ def draw_slices(path, image, reference, predictions, planes, scores, names) -> N
         if thick[a] > 1:
           ax.set_xlabel(f'annotated slices drawn {thick[a]} voxels thick', fontsize=8)
       elif col in predictions:
-        match = {int(p): r for p, r in (scores['matching'].get(col) or {}).items()}
-        labels = _cut(predictions[col], a, pos[a])
-        unmatched = sorted(set(np.unique(labels).tolist()) - set(match) - {0})
-        extra_used = max(extra_used, len(unmatched))
-        extra = {v: _rgb(_EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]) for i, v in enumerate(unmatched)}
-        pick = lambda v, m=match, e=extra: colour[m[v]] if v in m else e[v]
-        ax.imshow(_paint(labels, pick), aspect=aspect, interpolation='nearest')
+        pick = lambda v, m=matching[col], e=extra[col]: colour[m[v]] if v in m else e[v]
+        ax.imshow(_paint(labels[col][a], pick), aspect=aspect, interpolation='nearest')
       else:
         ax.text(0.5, 0.5, 'not computed', ha='center', va='center', transform=ax.transAxes)
       if a == 0:
-        nmi = scores['nmi'].get(col)
+        nmi = nmis.get(col)
         title = TITLES.get(col, col) + ('' if nmi is None else f'\nNMI {nmi:.3f}')
         ax.set_title(title, fontsize=11)
       if j == 0:
         ax.set_ylabel(f'axis {a} = {pos[a]}')
         ax.set_xlabel(f'rows: axis {row_ax}, columns: axis {col_ax}', fontsize=8)
-  handles = [Patch(color=colour[c], label=f'{c}: {names.get(c, f"class {c}")}') for c in classes]
-  if extra_used:
-    handles.append(
-      Patch(color=_EXTRA_COLOURS[0], label='clusters matched to no class (pale colours)')
-    )
-  handles.append(Patch(color='k', label='0: not annotated / not covered / background'))
+  drawn = in_refs | {
+    matching[m][v] for m, vs in shown_values.items() for v in vs if v in matching[m]
+  }
+  drawn = sorted(drawn)
+  if refs is None:
+    text = lambda c: f'jule3d segment {c}'
+  else:
+    text = lambda c: f'{c}: {names.get(c, f"class {c}")}'
+  handles = [Patch(color=colour[c], label=text(c)) for c in drawn[:_LEGEND_MAX]]
+  if len(drawn) > _LEGEND_MAX:
+    handles.append(Patch(color='w', label=f'... and {len(drawn) - _LEGEND_MAX} more'))
+  if any(extra.values()):
+    what = 'class' if refs is not None else 'jule3d segment'
+    handles.append(Patch(color=_EXTRA_COLOURS[0], label=f'labels matched to no {what} (pale)'))
+  zero = '0: not annotated / not covered / background' if refs is not None else '0: not labelled'
+  handles.append(Patch(color='k', label=zero))
   fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 3), fontsize=10)
-  fig.suptitle('Colours: each prediction recoloured by its Hungarian match to the reference')
+  if refs is None:
+    fig.suptitle('No reference: baselines recoloured by their Hungarian match to jule3d segments')
+  else:
+    fig.suptitle('Colours: each prediction recoloured by its Hungarian match to the reference')
   _save(fig, path)
 
 
@@ -257,33 +332,54 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
   return lines + ['| ' + ' | '.join(r) + ' |' for r in rows]
 
 
-def markdown(rep: dict) -> str:
-  """report.md from the report dict (what report.json holds).
+def _foreground_lines(rep: dict) -> list[str]:
+  t, cov = rep.get('threshold'), rep.get('coverage')
+  lines = []
+  if t:
+    rule = 'derived by Otsu from the histogram' if t['rule'] == 'otsu' else t['rule']
+    test = '>=' if t['direction'] == 'above' else '<='
+    lines.append(
+      f'- Foreground: voxel {test} {t["value"]:g} ({rule}): {t["foreground_fraction"]:.1%} of the '
+      f'volume ({t["foreground_voxels"]:,} voxels)'
+    )
+  if cov:
+    share = cov['labelled_fraction']
+    share = '-' if share is None else f'{100 * share:.1f}%'
+    where = 'foreground voxels'
+    if cov['domain'] != 'foreground':  # config.patches.domain = 'specimen'
+      where = f'voxels of the domain {cov["domain"]!r} (the foreground and the air it encloses)'
+    lines.append(
+      f'- Labelled: {share} of the {cov["foreground_voxels"]:,} {where} got a jule3d label > 0'
+    )
+  return lines
 
-  Args:
-    rep: evaluate's report dict.
 
-  Returns:
-    The Markdown text.
-  """
-  v, c = rep['volume'], rep['config']
-  shape = ' x '.join(str(s) for s in v['shape'])
-  spacing = ', '.join(f'{s:g}' for s in v['spacing'])
-  lines = [
-    '# jule3d report',
+def _segment_lines(segments: dict) -> list[str]:
+  methods = [m for m, s in (segments or {}).items() if s]
+  if not methods:
+    return []
+  labels = sorted({r['label'] for m in methods for r in segments[m]['sizes']})
+  by = {m: {r['label']: r for r in segments[m]['sizes']} for m in methods}
+  rows = [['labelled (> 0)', *[f'{segments[m]["labelled_voxels"]:,}' for m in methods]]]
+  for label in labels:
+    cells = [str(label)]
+    for m in methods:
+      r = by[m].get(label)
+      cells.append('-' if r is None else f'{r["voxels"]:,} ({r["fraction"]:.1%})')
+    rows.append(cells)
+  return [
+    '## Segment sizes',
     '',
-    f'- Volume: `{v["path"]}`, {shape} voxels, {v["dtype"]}, spacing ({spacing})',
-    f'- Reference: `{v["labels"]}`, {rep["annotated_voxels"]:,} annotated voxels scored',
-    f'- Segmentation: `{v["segmentation"]}`',
-    f'- Date: {rep["date"]}',
-    f'- Config: K = {c["segment"]["num_segments"]}, seed {c["seed"]}, threshold '
-    f'{c["data"]["threshold"]:g} ({c["data"]["foreground"]}), patch {c["patches"]["patch_size"]}, '
-    f'stride {c["segment"]["stride"]}, n_s = {c["patches"]["num_patches"]}, '
-    f'C = {c["cluster"]["num_clusters"]}',
+    'Voxels per label and its share of the voxels the method labelled. Label ids are each '
+    "method's own (the intensity baselines number theirs by intensity): compare sizes, not ids.",
     '',
-    '## Scores on annotated voxels',
+    *_table(['label', *[TITLES.get(m, m) for m in methods]], rows),
     '',
   ]
+
+
+def _score_lines(rep: dict) -> list[str]:
+  lines = ['## Scores on annotated voxels', '']
   nmis = {m: s for m, s in rep['nmi'].items() if s is not None}
   best = max(nmis.values(), default=None)
   rows = []
@@ -314,12 +410,85 @@ def markdown(rep: dict) -> str:
       rows.append(cells)
     lines += _table(['reference class', 'voxels', *[TITLES.get(m, m) for m in methods]], rows)
     lines.append('')
+  return lines
+
+
+_GEOMETRY = {
+  'file': "(the file's own geometry, kept in every output)",
+  'config': '(from config.data.spacing: the file has none)',
+  'override': "(config.data.spacing_override: replaces the file's)",
+  'expected': "(the config's expected_spacing: the file has none)",
+  'default': '(1.0: neither the file nor the config gives one)',
+}
+
+
+def _geometry_lines(v: dict) -> list[str]:
+  lines = []
+  if v.get('affine') is not None:
+    a = np.asarray(v['affine'], np.float64)
+    norms = np.linalg.norm(a[:3, :3], axis=0)
+    direction = a[:3, :3] / np.where(norms > 0, norms, 1.0)
+    rows = '; '.join(' '.join(f'{x:.4g}' for x in row) for row in direction)
+    origin = ', '.join(f'{x:.6g}' for x in a[:3, 3])
+    lines.append(f'- Geometry (RAS, as NIfTI): origin ({origin}), direction [{rows}]')
+  grid = v.get('working_grid')
+  if grid:
+    lines.append(f'- Working grid: {grid["description"]}; labels written back on the input grid')
+  return lines
+
+
+def markdown(rep: dict) -> str:
+  """report.md from the report dict (what report.json holds).
+
+  Args:
+    rep: evaluate's report dict (with or without scores: 'nmi' is absent without a reference).
+
+  Returns:
+    The Markdown text.
+  """
+  v, c = rep['volume'], rep['config']
+  scored = 'nmi' in rep
+  shape = ' x '.join(str(s) for s in v['shape'])
+  spacing = ', '.join(f'{s:g}' for s in v['spacing'])
+  threshold = (rep.get('threshold') or {}).get('value', c['data']['threshold'])
+  if scored:
+    reference = f'`{v["labels"]}`, {rep["annotated_voxels"]:,} annotated voxels scored'
+  else:
+    reference = (
+      'none given (config.data.labels is empty), so no NMI or Dice: compare the segment sizes and '
+      'the slices below'
+    )
+  lines = [
+    '# jule3d report',
+    '',
+    f'- Volume: `{v["path"]}`, {shape} voxels, {v["dtype"]}, spacing ({spacing}) '
+    f'{_GEOMETRY.get(v.get("geometry"), "")}'.rstrip(),
+    *_geometry_lines(v),
+    f'- Reference: {reference}',
+    f'- Segmentation: `{v["segmentation"]}`',
+    f'- Date: {rep["date"]}',
+    f'- Config: K = {c["segment"]["num_segments"]}, seed {c["seed"]}, threshold '
+    f'{threshold:g} ({c["data"]["foreground"]}), patch {c["patches"]["patch_size"]}, '
+    f'stride {c["segment"]["stride"]}, n_s = {c["patches"]["num_patches"]}, '
+    f'C = {c["cluster"]["num_clusters"]}',
+    *_foreground_lines(rep),
+    '',
+  ]
+  if scored:
+    lines += _score_lines(rep)
+  lines += _segment_lines(rep.get('segments'))
   figs = rep.get('figures') or {}
+  errors = rep.get('figures_error') or {}
   lines += ['## Slices', '']
   if 'slices' in figs:
-    lines += [f'![slices]({figs["slices"]})', '', report_caption(), '']
-  else:
+    lines += [f'![slices]({figs["slices"]})', '', report_caption(scored), '']
+  elif not c.get('evaluate', {}).get('figures', True):
     lines += ['Figures disabled (config.evaluate.figures = False).', '']
+  for name, error in errors.items():
+    lines += [
+      f'Figure `{name}` could not be drawn ({error}); the rest of the report is complete.',
+      '',
+    ]
   lines += _phase1(rep.get('train_history'), figs)
   t = rep['timing_s']
   rows = [[k, _num(s, '.1f')] for k, s in t.items()]
@@ -344,13 +513,16 @@ def markdown(rep: dict) -> str:
   return '\n'.join(lines)
 
 
-def report_caption() -> str:
+def report_caption(reference: bool = True) -> str:
   """Caption of the slices figure.
+
+  Args:
+    reference: whether the figure has a reference column.
 
   Returns:
     The caption text.
   """
-  return '*' + CAPTION + '*'
+  return '*' + (CAPTION if reference else CAPTION_NO_REFERENCE) + '*'
 
 
 def _phase1(history, figs) -> list[str]:

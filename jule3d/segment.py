@@ -24,14 +24,17 @@ from jule3d import (
   model,
   objective,
   patches,
+  progress,
   regularise,
   sharding,
   volume,
+  working,
 )
 from jule3d.errors import UserError
 
 SEGMENTATION = 'segmentation.zarr'
 SEGMENTATION_NIFTI = 'segmentation.nii.gz'
+SEGMENTATION_NRRD = 'segmentation.nrrd'  # 3D Slicer loads it as a labelmap
 FEATURES = 'features.npz'
 PROGRESS = '.segment_progress'  # feature parts of an unfinished segmentation
 # Fields that must agree between the config and the checkpoint's config for features to mean the
@@ -192,18 +195,23 @@ def resumable_features(
   bounds = np.flatnonzero(np.diff(part)) + 1
   bounds = np.concatenate([[0], bounds, [len(centres)]]) if len(centres) else np.zeros(1, int)
   parts, complete = [], True
+  total = len(centres) if owned is None else None
+  shown = None
   for a, b in zip(bounds[:-1], bounds[1:], strict=True):
     i = int(part[a])
     path = os.path.join(folder, f'part_{i:06d}.npy')
     if os.path.exists(path):
       parts.append(np.load(path))
       continue
+    if shown is None:  # the rate counts only the parts computed now (not those on disk)
+      shown = progress.Progress('grid features', total or len(centres), 'patches', done=int(a))
     if owned is not None and not owned(i):
       complete = False
       continue
     t0 = time.time()
     out = np.asarray(compute(centres[a:b]), np.float32)
     logging.info('feature part %d: %d grid patches in %.1fs', i, b - a, time.time() - t0)
+    shown.update(int(b))
     tmp = os.path.join(folder, f'.part_{i:06d}.tmp.npy')
     np.save(tmp, out)
     os.replace(tmp, path)
@@ -372,6 +380,27 @@ def write_labels(store, inputs, centres: np.ndarray, labels: np.ndarray, stride:
     store[z0:z1].write(fill_slab(painted, dom)[z0 - a : z1 - a]).result()
 
 
+def write_back(store, labels, inputs) -> None:
+  """Writes working-grid labels onto the input's grid (jule3d/working.py), slab by slab.
+
+  Each input voxel takes its nearest working voxel's label; with config.segment.fill, foreground
+  voxels left at 0 (a structure thinner than a working voxel) take their nearest labelled voxel's.
+
+  Args:
+    store: the open tensorstore of the output (input shape, uint8).
+    labels: the labels on the working grid (a Volume).
+    inputs: pipeline.Inputs with `grid` and `original`.
+  """
+  c, src, grid = inputs.config, inputs.original, inputs.grid
+  halo = c.patches.patch_size if c.segment.fill else 0
+  for z0, z1, a, block in working.input_slabs(labels, grid, c.data.cache_chunk, halo):
+    if halo:
+      values = np.asarray(src.store[a : a + len(block)].read().result())
+      fg = patches.foreground(values, c.data.threshold, c.data.foreground)
+      block = fill_slab(block, fg | (block > 0))
+    store[z0:z1].write(block[z0 - a : z1 - a]).result()
+
+
 def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std: float):
   """Ablation features of the grid patches (config.segment.features other than 'cnn').
 
@@ -411,7 +440,8 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   c = inputs.config
   out_zarr = os.path.join(workdir, SEGMENTATION)
   out_nii = os.path.join(workdir, SEGMENTATION_NIFTI)
-  for path in (out_zarr, out_nii):
+  out_nrrd = os.path.join(workdir, SEGMENTATION_NRRD)
+  for path in (out_zarr, out_nii, out_nrrd):
     if os.path.exists(path) and not overwrite:
       raise UserError(f'{path!r} already exists: pass --overwrite to replace it.')
   net, variables, meta = load_model(c, workdir)
@@ -494,13 +524,23 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
       100.0 * np.mean(labels != before),
     )
   t_km = time.time() - t0 - t_feat
-  img = inputs.image
-  with volume.zarr_writer(
-    out_zarr, img.shape, np.uint8, img.spacing, affine=img.affine, chunk=c.data.cache_chunk
-  ) as store:
-    write_labels(store, inputs, centres, labels, s)
+  img, out = inputs.image, inputs.input_volume
+  chunk = c.data.cache_chunk
+  if inputs.grid is None:
+    with volume.zarr_writer(out_zarr, img.shape, np.uint8, img.spacing, img.affine, chunk) as store:
+      write_labels(store, inputs, centres, labels, s)
+  else:  # painted on the working grid, then written back onto the input's (jule3d/working.py)
+    on_grid = os.path.join(workdir, PROGRESS, 'working-segmentation.zarr')
+    os.makedirs(os.path.dirname(on_grid), exist_ok=True)
+    with volume.zarr_writer(on_grid, img.shape, np.uint8, img.spacing, img.affine, chunk) as store:
+      write_labels(store, inputs, centres, labels, s)
+    with volume.zarr_writer(out_zarr, out.shape, np.uint8, out.spacing, out.affine, chunk) as store:
+      write_back(store, volume.open_volume(on_grid, name='working segmentation'), inputs)
   seg = volume.open_volume(out_zarr, name='segmentation')
-  volume.write_nifti(out_nii, seg, img.spacing, img.affine)
+  volume.write_nifti(out_nii, seg, out.spacing, out.affine)
+  # Without a file affine both outputs use diag(spacing) (RAS), so that they overlay each other.
+  affine = out.affine if out.affine is not None else np.diag([*map(float, out.spacing), 1.0])
+  volume.write_itk(out_nrrd, seg, out.spacing, affine)
   if c.segment.save_features:
     tmp = os.path.join(workdir, '.' + FEATURES + '.tmp.npz')
     np.savez(tmp, centres=centres, features=feats, labels=labels)
@@ -514,5 +554,5 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     'kmeans_s': round(t_km, 3),
     'write_s': round(time.time() - t0 - t_feat - t_km, 3),
   }
-  logging.info('segmentation written to %s and %s: %s', out_zarr, out_nii, summary)
+  logging.info('segmentation written to %s, %s and %s: %s', out_zarr, out_nii, out_nrrd, summary)
   return summary

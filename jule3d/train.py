@@ -32,7 +32,17 @@ import numpy as np
 from absl import logging
 from sklearn.metrics import normalized_mutual_info_score
 
-from jule3d import checkpoint, descriptors, files, graph, model, objective, patches, sharding
+from jule3d import (
+  checkpoint,
+  descriptors,
+  files,
+  graph,
+  model,
+  objective,
+  patches,
+  progress,
+  sharding,
+)
 from jule3d.errors import UserError
 
 HISTORY_FILE = 'train_history.json'
@@ -97,8 +107,10 @@ def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> Tra
   del raw
   truth = None
   if inputs.labels is not None:
+    # The reference lives on the input's grid (jule3d/working.py when the CNN sees a working copy).
+    at = centres if inputs.grid is None else inputs.grid.input_voxels(centres)
     truth = np.asarray(
-      inputs.labels.store.vindex[centres[:, 0], centres[:, 1], centres[:, 2]].read().result()
+      inputs.labels.store.vindex[at[:, 0], at[:, 1], at[:, 2]].read().result()
     ).astype(np.int64)
   return TrainingData(centres=centres, patches=normalised, mean=mean, std=std, truth=truth)
 
@@ -377,6 +389,13 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       }
     num_clusters = int(labels.max()) + 1
     labels_dev = jax.device_put(jnp.asarray(labels, jnp.int32), sharding.replicated(m))
+    shown = progress.Progress(
+      f'period {period} ({num_clusters} clusters) training',
+      epochs,
+      'epochs',
+      every=0.0,
+      done=partial['epochs_done'],
+    )
     for epoch in range(partial['epochs_done'], epochs):
       te = time.time()
       idx, valid = epoch_batches(n_s, c.train.batch_size, c.seed, period, epoch)
@@ -389,16 +408,15 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       partial['epochs_done'] = epoch + 1
       partial['loss_sum'] += float(epoch_losses.astype(np.float64).sum())
       partial['loss_count'] += len(epoch_losses)
-      logging.info(
-        'period %d epoch %d/%d: %d clusters, loss %.4f, lr %.5f, %.1fs',
-        period,
-        epoch + 1,
-        epochs,
-        num_clusters,
-        epoch_losses.mean(),
-        float(metrics['lr']),
-        time.time() - te,
-      )
+      seconds = time.time() - te
+      done = f'loss {epoch_losses.mean():.4f}, lr {float(metrics["lr"]):.5f}, {seconds:.1f}s'
+      if shown.on:  # one line: the epoch's figures with the rate and the period's time left
+        rate = len(epoch_losses) * c.train.batch_size / max(seconds, 1e-9)
+        shown.update(epoch + 1, f'{done}, {rate:.0f} patches/s')
+      else:
+        logging.info(
+          'period %d epoch %d/%d: %d clusters, %s', period, epoch + 1, epochs, num_clusters, done
+        )
       if epoch + 1 < epochs:
         partial['seconds'] += time.time() - t0
         t0 = time.time()

@@ -5,30 +5,47 @@
     text starting with '{'): opened IN PLACE, read-only, never copied. Spacing comes from the
     attribute 'spacing' (N5 also 'resolution' / 'pixelResolution'); an 'affine' attribute is kept.
     Chunks missing from the store read as the fill value (tensorstore's rule), without an error.
-  * `.nii` / `.nii.gz`, a multi-page `.tif` / `.tiff`, a folder of 2D TIFF slices (one per index of
+  * `.nii` / `.nii.gz`, `.nrrd` / `.nhdr` (3D Slicer's default), `.mha` / `.mhd`, a folder holding
+    one DICOM series, a multi-page `.tif` / `.tiff`, a folder of 2D TIFF slices (one per index of
     axis 0, natural sort: slice2 before slice10), `.npy`: converted ONCE into a chunked blosc/zstd
     zarr v2 under `cache_dir`, slab by slab, so a volume larger than RAM converts. The cache name
-    hashes the absolute path, size and mtime of the source (an edited file is converted again); the
-    copy is written under a temporary name and renamed, so the cache never holds a partial volume.
-    Superseded copies are not deleted (a running job may still read them): delete them by hand.
+    hashes the absolute path, size and mtime of every source file (an edited file is converted
+    again); the copy is written under a temporary name and renamed, so the cache never holds a
+    partial volume. Superseded copies are not deleted (a running job may still read them).
 
 How each converted format is streamed (memory: a few slabs of `chunk` planes):
   * NIfTI: the header is parsed by nibabel, the voxels are read sequentially along the last array
     axis (the slowest on disk), so even a `.nii.gz` streams in one pass instead of loading whole;
-    scl_slope / scl_inter are applied as nibabel does. Spacing = header zooms; the affine is kept.
+    scl_slope / scl_inter are applied as nibabel does. The affine is nibabel's `image.affine`.
+  * NRRD, MetaImage, DICOM: read by SimpleITK (ITK's readers, GDCM for DICOM), WHOLE: memory of one
+    copy of the volume. Headers are read first (every DICOM file's), the voxels only on conversion.
+    A detached header (.nhdr, .mhd) is stamped with its data file. A DICOM folder must hold exactly
+    one series (SeriesInstanceUID); its slices are ordered by position along the slice normal (not
+    by file name) and must be evenly spaced. DICOM voxels are what ITK gives: rescale slope /
+    intercept applied by GDCM, so CT comes out in HU with the pixel type ITK chooses for them.
   * multi-page TIFF: memory-mapped when uncompressed and contiguous, else read page by page; other
     layouts (e.g. one compressed page holding the whole volume) are loaded whole. ImageJ files give
-    their spacing (z from 'spacing', y/x from the resolution tags); other TIFFs give 1.0.
+    their spacing (z from 'spacing', y/x from the resolution tags); other TIFFs carry none.
   * TIFF folder: one file per plane; every file's header is checked before anything is converted.
   * `.npy`: memory-mapped (`mmap_mode='r'`), read along its slowest axis.
 
-Axes are the array axes as stored (NIfTI: i, j, k). Integer and float dtypes are kept as they are
-(CT int16 with negative values included); bool becomes uint8. A 4D+ image whose extra trailing axes
-all have size 1 is accepted as 3D. Stores are translated so that every axis starts at 0.
+Axes are the array axes as stored: NIfTI's (i, j, k), and the same ITK index order (i, j, k) =
+(x, y, z) for NRRD, MetaImage and DICOM (the transpose of SimpleITK's numpy [z, y, x] view). Integer
+and float dtypes are kept as they are (CT int16 with negative values included); bool becomes uint8.
+A 4D+ image whose extra trailing axes all have size 1 is accepted as 3D. Stores are translated so
+that every axis starts at 0.
+
+Geometry: the file's is the truth. `Volume.affine` is the 4x4 voxel-to-world matrix in NIfTI's RAS
+convention (ITK's LPS direction / origin / spacing converted: A[:3, :3] = diag(-1, -1, 1) @ direction
+@ diag(spacing), A[:3, 3] = diag(-1, -1, 1) @ origin), and `Volume.spacing` its column lengths. A
+spacing given to `open_volume` (config.data.spacing) applies only to an input that carries none; one
+that disagrees with the file's is refused unless `spacing_override` (then it replaces the file's,
+direction and origin kept). `Volume.geometry` says where the spacing came from.
 
 Writers: `save_zarr` (an in-memory array), `create_zarr` + `commit_zarr` or the `zarr_writer`
-context manager (outputs streamed slab by slab), `write_nifti`. All are atomic: the final name never
-holds a partial volume. Outputs carry 'spacing' (and 'affine') attributes that `open_volume` reads.
+context manager (outputs streamed slab by slab), `write_nifti`, `write_itk` (.nrrd, .nhdr, .mha,
+.mhd). All are atomic: the final name never holds a partial volume. Outputs carry 'spacing' (and
+'affine') attributes or header fields that `open_volume` reads back unchanged.
 """
 
 import contextlib
@@ -50,9 +67,14 @@ from absl import logging
 from jule3d.errors import UserError
 
 SUPPORTED = (
-  'a zarr (v2 or v3) or N5 array folder, a folder of 2D .tif slices, a tensorstore spec '
-  "(.json file or inline '{...}'), .nii, .nii.gz, .tif, .tiff, .npy"
+  'a zarr (v2 or v3) or N5 array folder, a folder of 2D .tif slices, a folder of one DICOM series, '
+  "a tensorstore spec (.json file or inline '{...}'), .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
+  '.tif, .tiff, .npy'
 )
+# Where Volume.spacing came from (Volume.geometry).
+GEOMETRIES = ('file', 'config', 'override', 'expected', 'default')
+_SPACING_RTOL = 1e-4  # a given spacing "agrees" with the file's within this relative error per axis
+_LPS = np.diag([-1.0, -1.0, 1.0])  # ITK's LPS world <-> NIfTI's RAS world (its own inverse)
 _CACHE_VERSION = 1  # part of the cache key: bump it when the converted layout changes
 # zstd level 1: ~360 MB/s write on 2 cores vs ~200 MB/s at level 3, for a few % more disk.
 _COMPRESSOR = {'id': 'blosc', 'cname': 'zstd', 'clevel': 1, 'shuffle': 1}
@@ -79,9 +101,13 @@ class Volume:
     store: read-only 3D TensorStore, every axis starting at 0, axes as stored.
     shape: voxels per array axis.
     dtype: voxel dtype (what `store` reads).
-    spacing: voxel edge per array axis (file metadata, override, or 1.0).
-    affine: 4x4 voxel-to-world matrix (NIfTI, or an 'affine' attribute), consistent with `spacing`.
+    spacing: voxel edge per array axis: the affine's column lengths when there is an affine.
+    affine: 4x4 voxel-to-world matrix, RAS world as NIfTI's (the file's own, exactly; an 'affine'
+      attribute of a zarr/N5), or None when the input has none.
     path: the path (or inline spec) the user gave.
+    geometry: where `spacing` came from (GEOMETRIES): 'file' (the input's own), 'config' (a spacing
+      given for an input without one), 'override' (a given spacing replacing the file's),
+      'expected' (expected_spacing, for an input without one) or 'default' (1.0, nothing known).
   """
 
   store: ts.TensorStore
@@ -90,6 +116,7 @@ class Volume:
   spacing: tuple[float, float, float]
   affine: np.ndarray | None
   path: str
+  geometry: str = 'file'
 
   def read(self, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
     """Reads the box [lo, hi).
@@ -134,15 +161,25 @@ def open_volume(
   *,
   cache_dir: str | None = None,
   spacing: Sequence[float] = (),
+  spacing_override: bool = False,
+  expected_spacing: Sequence[float] = (),
   chunk: int = 64,
   name: str = 'volume',
 ) -> Volume:
   """Opens a volume in any supported format (module docstring), converting it once if needed.
 
+  The file's geometry is kept exactly. `spacing` applies only to an input that carries none (npy,
+  a zarr/N5 without a spacing attribute, a TIFF without ImageJ calibration); if the file has one
+  and `spacing` disagrees (relative error above 1e-4 on an axis), the input is refused, unless
+  `spacing_override`. `expected_spacing` is used for an input without spacing when `spacing` is
+  not given; a file whose own spacing differs from it keeps its own (a warning is logged).
+
   Args:
     path: a file or folder path, or an inline tensorstore JSON spec.
     cache_dir: where converted copies live (default: a per-user folder under the system temp dir).
-    spacing: voxel spacing override, one positive number per array axis; () reads it from the file.
+    spacing: voxel spacing, one positive number per array axis (config.data.spacing); () = none.
+    spacing_override: `spacing` replaces the file's spacing (direction and origin kept).
+    expected_spacing: the spacing this input is expected to have (config.data.expected_spacing).
     chunk: chunk edge of converted copies.
     name: how error messages name the input, e.g. 'data.path' (shown as config.data.path).
 
@@ -150,28 +187,41 @@ def open_volume(
     The opened Volume.
 
   Raises:
-    UserError: missing, unreadable, unsupported, damaged or non-3D input, or a bad override; raised
-      before any conversion, except for damage found only while converting (nothing is left behind).
+    UserError: missing, unreadable, unsupported, damaged or non-3D input, a bad or conflicting
+      spacing; raised before any conversion, except for damage found only while converting
+      (nothing is left behind).
   """
   path = os.fspath(path) if not isinstance(path, str) else path
   where = _where(name, path)
-  field = 'config.data.spacing = ' if '.' in name else 'spacing override '
-  override = _check_spacing(spacing, f'{field}{tuple(spacing)!r} (for {where})')
+  fields = _spacing_fields(name)
+  given = _check_spacing(spacing, f'{fields[0]} = {tuple(spacing)!r} (for {where})')
+  expected = _check_spacing(
+    expected_spacing, f'{fields[2]} = {tuple(expected_spacing)!r} (for {where})'
+  )
+  if not isinstance(spacing_override, bool):
+    raise UserError(f'{fields[1]} = {spacing_override!r}: expected True or False.')
+  if spacing_override and given is None:
+    raise UserError(
+      f'{fields[1]} = True (for {where}) but {fields[0]} is not set: set it to the 3 voxel edges '
+      f"that replace the file's spacing, or set {fields[1]}=False."
+    )
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
     raise UserError(f'config.data.cache_chunk = {chunk!r}: expected a positive integer (e.g. 64).')
   kind = _kind(path, where)
+  source = None
   if kind in ('zarr', 'zarr3', 'n5', 'json'):
     store, attrs, rank = _open_in_place(kind, path, where)
     store = _as_3d(store, where)
-    file_spacing, affine = _attr_metadata(attrs, rank, where, need_spacing=override is None)
+    file_spacing, affine = _attr_metadata(attrs, rank, where, lenient=given is not None)
   else:
     source = _SOURCES[kind](path, where)
+    file_spacing, affine = source.spacing, source.affine
+  final_spacing, affine, geometry = _geometry(
+    file_spacing, affine, given, spacing_override, expected, where, fields
+  )
+  if source is not None:  # the geometry is settled: only now the (expensive) conversion
     final = _cached_copy(source, kind, path, cache_dir, chunk, where)
     store = _open_spec({'driver': 'zarr', 'kvstore': _file_kvstore(final)}, where)
-    file_spacing, affine = source.spacing, source.affine
-  final_spacing = override or file_spacing or (1.0, 1.0, 1.0)
-  if affine is not None:
-    affine = _rescale_affine(affine, final_spacing)
   return Volume(
     store=store,
     shape=tuple(int(s) for s in store.shape),
@@ -179,7 +229,102 @@ def open_volume(
     spacing=tuple(float(s) for s in final_spacing),
     affine=affine,
     path=path,
+    geometry=geometry,
   )
+
+
+def _spacing_fields(name: str) -> tuple[str, str, str]:
+  # How messages name the spacing, override and expected-spacing inputs: config fields for a
+  # configured input, open_volume's arguments otherwise.
+  if '.' in name:
+    return ('config.data.spacing', 'config.data.spacing_override', 'config.data.expected_spacing')
+  return ('spacing', 'spacing_override', 'expected_spacing')
+
+
+def _fmt(values: Sequence[float]) -> str:
+  return '(' + ', '.join(f'{float(v):.6g}' for v in values) + ')'
+
+
+def _close(a: Sequence[float], b: Sequence[float], rtol: float = _SPACING_RTOL) -> bool:
+  return all(abs(x - y) <= rtol * max(abs(x), abs(y)) for x, y in zip(a, b, strict=True))
+
+
+def affine_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+  """The voxel spacing an affine implies: the lengths of its first three columns.
+
+  Args:
+    affine: 4x4 voxel-to-world matrix.
+
+  Returns:
+    One spacing per array axis.
+  """
+  return tuple(float(n) for n in np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0))
+
+
+def _geometry(file_spacing, affine, given, override, expected, where, fields):
+  """(spacing, affine, Volume.geometry) from what the file carries and what the caller gave."""
+  if affine is not None:
+    norms = affine_spacing(affine)
+    if not all(math.isfinite(n) and n > 0 for n in norms) or not np.isfinite(affine).all():
+      logging.warning(
+        '%s: its affine %s is degenerate (an axis of length 0): ignored, the volume is treated as '
+        'carrying no geometry.',
+        where,
+        np.asarray(affine).tolist(),
+      )
+      affine, file_spacing = None, None
+    else:
+      if file_spacing is not None and not _close(file_spacing, norms):
+        logging.warning(
+          "%s: its spacing attribute %s differs from its affine's column lengths %s: the affine's "
+          'are used.',
+          where,
+          _fmt(file_spacing),
+          _fmt(norms),
+        )
+      file_spacing = norms
+  if file_spacing is not None:
+    if given is not None and override:
+      logging.warning(
+        "%s: %s = %s replaces the file's voxel spacing %s (%s=True; direction and origin kept).",
+        where,
+        fields[0],
+        _fmt(given),
+        _fmt(file_spacing),
+        fields[1],
+      )
+      return given, (None if affine is None else _rescale_affine(affine, given)), 'override'
+    if given is not None and not _close(given, file_spacing):
+      advice = (
+        f"remove {fields[0]} to use the file's, or set {fields[1]}=True to replace it"
+        if '.' in fields[0]
+        else f"pass {fields[0]}=() to use the file's, or {fields[1]}=True to replace it"
+      )
+      raise UserError(
+        f'{fields[0]} = {_fmt(given)} differs from the voxel spacing {_fmt(file_spacing)} in the '
+        f'header of {where}: {advice}.'
+      )
+    if given is None and expected is not None and not _close(expected, file_spacing):
+      logging.warning(
+        "%s has voxel spacing %s (from the file), not %s (%s, this config's paper volume): fine "
+        "for your own data, the file's is used; check the threshold suits it.",
+        where,
+        _fmt(file_spacing),
+        _fmt(expected),
+        fields[2],
+      )
+    return tuple(file_spacing), affine, 'file'
+  if given is not None:
+    return given, None, 'config'
+  if expected is not None:
+    return expected, None, 'expected'
+  logging.warning(
+    '%s carries no voxel spacing: using 1.0 per axis; set %s to its voxel edges (one per array '
+    'axis) if they matter.',
+    where,
+    fields[0],
+  )
+  return (1.0, 1.0, 1.0), None, 'default'
 
 
 def _check_spacing(spacing, what: str, allow_empty: bool = True) -> tuple[float, ...] | None:
@@ -195,6 +340,20 @@ def _check_spacing(spacing, what: str, allow_empty: bool = True) -> tuple[float,
   return values
 
 
+_EXTENSIONS = {  # file name ending -> kind (longest endings first)
+  '.nii.gz': 'nifti',
+  '.nii': 'nifti',
+  '.nrrd': 'nrrd',
+  '.nhdr': 'nrrd',
+  '.mha': 'meta',
+  '.mhd': 'meta',
+  '.tiff': 'tiff',
+  '.tif': 'tiff',
+  '.npy': 'npy',
+  '.json': 'json',
+}
+
+
 def _kind(path: str, where: str) -> str:
   if path.lstrip().startswith('{'):
     return 'json'
@@ -207,9 +366,7 @@ def _kind(path: str, where: str) -> str:
       raise UserError(f'{where}: permission denied, this folder cannot be read by you.')
     return _folder_kind(path, where)
   lower = path.lower()
-  ext = next(
-    (e for e in ('.nii.gz', '.nii', '.tiff', '.tif', '.npy', '.json') if lower.endswith(e)), ''
-  )
+  ext = next((e for e in _EXTENSIONS if lower.endswith(e)), '')
   if not ext:
     raise UserError(
       f'{where}: unsupported file type {os.path.splitext(path)[1] or "(no extension)"!r}; '
@@ -217,7 +374,7 @@ def _kind(path: str, where: str) -> str:
     )
   if not os.access(path, os.R_OK):
     raise UserError(f'{where}: permission denied, this file cannot be read by you.')
-  return {'.nii.gz': 'nifti', '.nii': 'nifti', '.tiff': 'tiff', '.tif': 'tiff'}.get(ext, ext[1:])
+  return _EXTENSIONS[ext]
 
 
 def _folder_kind(path: str, where: str) -> str:
@@ -238,9 +395,11 @@ def _folder_kind(path: str, where: str) -> str:
     raise UserError(f'{group} (for OME-Zarr, the full resolution is usually {path}/0).')
   if _tiff_files(path):
     return 'tiff_dir'
+  if _dicom_series(path, where):
+    return 'dicom'
   raise UserError(
     f'{where} is a folder with neither zarr/N5 metadata (.zarray, zarr.json, attributes.json) nor '
-    f'.tif/.tiff slices; expected {SUPPORTED}.'
+    f'.tif/.tiff slices nor DICOM files; expected {SUPPORTED}.'
   )
 
 
@@ -312,9 +471,11 @@ def _store_attrs(store: ts.TensorStore, driver: str | None) -> dict:
   return attrs if isinstance(attrs, dict) else {}
 
 
-def _attr_metadata(attrs: dict, rank: int, where: str, need_spacing: bool):
+def _attr_metadata(attrs: dict, rank: int, where: str, lenient: bool):
+  # `lenient`: a spacing is given for this input, so a malformed spacing attribute is not fatal
+  # (the input is then treated as carrying none).
   spacing = None
-  for key in ('spacing', 'resolution', 'pixelResolution') if need_spacing else ():
+  for key in ('spacing', 'resolution', 'pixelResolution'):
     value = attrs.get(key)
     if isinstance(value, dict):  # N5 viewer style: {"dimensions": [...], "unit": "um"}
       value = value.get('dimensions')
@@ -322,7 +483,12 @@ def _attr_metadata(attrs: dict, rank: int, where: str, need_spacing: bool):
       continue
     if isinstance(value, list) and len(value) == rank > 3:  # a squeezed trailing axis
       value = value[:3]
-    spacing = _check_spacing(value, f'{where}: attribute {key!r} = {value!r}', allow_empty=False)
+    try:
+      spacing = _check_spacing(value, f'{where}: attribute {key!r} = {value!r}', allow_empty=False)
+    except UserError as e:
+      if not lenient:
+        raise
+      logging.warning('%s (ignored: the given spacing is used instead)', e)
     break
   affine = attrs.get('affine')
   if affine is not None:
@@ -477,8 +643,7 @@ def _nifti_source(path: str, where: str) -> _Source:
     proxy = image.dataobj  # what nibabel itself reads: a loaded header's vox_offset is reset to 0
     raw, offset, slope, inter = np.dtype(proxy.dtype), int(proxy.offset), proxy.slope, proxy.inter
     shape = _squeezed_shape(proxy.shape, where)
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    affine = np.asarray(image.affine, dtype=np.float64)
+    affine = np.array(image.affine, dtype=np.float64)  # sform / qform / pixdim, nibabel's choice
   except UserError:
     raise
   except Exception as e:
@@ -488,19 +653,24 @@ def _nifti_source(path: str, where: str) -> _Source:
   dtype = _check_dtype(scale(np.zeros(1, raw)).dtype, where)
   opener = open if not path.lower().endswith('.gz') else nib.openers.ImageOpener
   slabs = _raw_slabs(path, offset, raw, shape, 2, where, opener, scale, dtype)
-  spacing = zooms if all(z > 0 for z in zooms) else None
-  return _Source(shape, dtype, spacing, affine, 2, slabs, (path,))
+  # Spacing: the affine's column lengths (open_volume), not pixdim.
+  return _Source(shape, dtype, None, affine, 2, slabs, (path,))
 
 
 def _imagej_spacing(tif, shape) -> tuple[float, float, float] | None:
+  # An ImageJ file is calibrated when it has a z 'spacing' or a resolution other than 1 pixel per
+  # unit; an uncalibrated one (every TIFF has resolution tags, 1/1 by default) carries no spacing.
   if not tif.is_imagej or len(shape) != 3:
     return None
   tags = tif.pages[0].tags
-  values = [float((tif.imagej_metadata or {}).get('spacing', 1.0))]
+  meta = tif.imagej_metadata or {}
+  values, calibrated = [float(meta.get('spacing', 1.0))], 'spacing' in meta
   for tag in ('YResolution', 'XResolution'):
     num, den = tags[tag].value if tag in tags else (1, 1)
     values.append(den / num if num else 1.0)
-  return tuple(values) if all(math.isfinite(v) and v > 0 for v in values) else None
+    calibrated |= tag in tags and num != den
+  ok = calibrated and all(math.isfinite(v) and v > 0 for v in values)
+  return tuple(values) if ok else None
 
 
 def _tiff_source(path: str, where: str) -> _Source:
@@ -587,11 +757,278 @@ def _tiff_dir_source(path: str, where: str) -> _Source:
   return _Source(shape, dtype, spacing, None, 0, slabs, tuple(files))
 
 
+# --- ITK formats (NRRD, MetaImage, DICOM) through SimpleITK ---------------------------------------
+
+_ITK_WHAT = {'nrrd': 'NRRD file', 'meta': 'MetaImage file', 'dicom': 'DICOM file'}
+
+
+def _itk_dtypes() -> dict:
+  import SimpleITK as sitk
+
+  return {
+    sitk.sitkUInt8: np.uint8,
+    sitk.sitkInt8: np.int8,
+    sitk.sitkUInt16: np.uint16,
+    sitk.sitkInt16: np.int16,
+    sitk.sitkUInt32: np.uint32,
+    sitk.sitkInt32: np.int32,
+    sitk.sitkUInt64: np.uint64,
+    sitk.sitkInt64: np.int64,
+    sitk.sitkFloat32: np.float32,
+    sitk.sitkFloat64: np.float64,
+  }
+
+
+def _itk_message(e: BaseException) -> str:
+  # ITK's exceptions start with the C++ source location: keep what the reader says went wrong.
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  for i, line in enumerate(lines):
+    if 'ERROR:' in line:
+      text = re.sub(r'^\w+\(0x[0-9a-fA-F]+\):\s*', '', line.split('ERROR:', 1)[1].strip())
+      if i + 1 < len(lines):  # e.g. teem's innermost complaint for NRRD
+        text += ' ' + re.sub(r'^\[\w+\]\s*\w+:\s*', '', lines[-1])
+      return text[:300]
+  return _first_line(e)
+
+
+def _itk_error(where: str, what: str, e: Exception) -> UserError:
+  return _library_error(where, what, RuntimeError(_itk_message(e)))
+
+
+def _itk_info(path: str, where: str, what: str):
+  import SimpleITK as sitk
+
+  reader = sitk.ImageFileReader()
+  reader.SetFileName(path)
+  try:
+    reader.ReadImageInformation()
+  except RuntimeError as e:
+    raise _itk_error(where, what, e) from None
+  if reader.GetNumberOfComponents() > 1:
+    raise UserError(
+      f'{where} is a vector / colour (RGB) image ({reader.GetNumberOfComponents()} components per '
+      'voxel); expected grey values.'
+    )
+  return reader
+
+
+def _itk_dtype(pixel_id: int, where: str) -> np.dtype:
+  import SimpleITK as sitk
+
+  dtype = _itk_dtypes().get(pixel_id)
+  if dtype is None:
+    raise UserError(
+      f'{where} has voxels of type {sitk.GetPixelIDValueAsString(pixel_id)}; expected integers or '
+      'floats.'
+    )
+  return np.dtype(dtype)
+
+
+def _itk_affine(spacing, origin, direction) -> np.ndarray:
+  """The RAS voxel-to-world matrix of ITK's (LPS) spacing, origin and direction (3D)."""
+  affine = np.eye(4)
+  direction = np.asarray(direction, np.float64).reshape(3, 3)
+  affine[:3, :3] = _LPS @ direction @ np.diag(np.asarray(spacing, np.float64))
+  affine[:3, 3] = _LPS @ np.asarray(origin, np.float64)
+  return affine
+
+
+def _itk_header(path: str) -> dict[str, str]:
+  """The header fields of a NRRD / MetaImage file, lower-case names (only the text part is read)."""
+  with open(path, 'rb') as f:
+    text = f.read(1 << 16).decode('latin-1')
+  fields = {}
+  nrrd = path.lower().endswith(('.nrrd', '.nhdr'))
+  for line in text.splitlines()[1 if nrrd else 0 :]:
+    if nrrd:
+      if not line.strip():
+        break  # the blank line ending a NRRD header
+      key, sep, value = line.partition(':')
+      if line.startswith('#') or not sep or value.startswith('='):  # comments, key:=value pairs
+        continue
+    else:
+      key, sep, value = line.partition('=')
+      if not sep:
+        break
+    fields[key.strip().lower()] = value.strip()
+    if not nrrd and key.strip().lower() == 'elementdatafile':
+      break  # the voxels follow
+  return fields
+
+
+def _detached_data_file(path: str, fields: dict[str, str], where: str) -> str | None:
+  """The data file a detached header (.nhdr, .mhd) names, checked to exist (None: none / many)."""
+  name = fields.get('data file', fields.get('datafile', fields.get('elementdatafile', '')))
+  if not name or name.upper() in ('LOCAL', 'LIST') or ' ' in name or '%' in name:
+    return None  # attached, or a list / pattern of files: the header alone is stamped
+  data = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+  if not os.path.isfile(data):
+    raise UserError(
+      f'{where}: its header names the data file {name!r}, which is not in '
+      f'{os.path.dirname(data)!r}: copy it beside the header (or give the attached .nrrd/.mha).'
+    )
+  return data
+
+
+def _itk_slabs(read, shape: tuple[int, int, int], dtype: np.dtype):
+  """Slabs along axis 2 (ITK's slowest, z) of the image `read()` returns, read whole once."""
+
+  def slabs(depth):
+    import SimpleITK as sitk
+
+    try:
+      image = read()
+    except RuntimeError as e:
+      raise RuntimeError(_itk_message(e)) from None
+    size = tuple(int(s) for s in image.GetSize())
+    if _squeezed_shape(size, 'the image') != shape:
+      raise ValueError(f'the image read has size {size}, its header said {shape}')
+    zyx = sitk.GetArrayViewFromImage(image).reshape(shape[::-1])  # ITK's numpy view is [z, y, x]
+    for lo in range(0, shape[2], depth):
+      yield _native(zyx[lo : lo + depth].transpose(2, 1, 0), dtype)
+
+  return slabs
+
+
+def _itk_file_source(path: str, where: str) -> _Source:
+  import SimpleITK as sitk
+
+  kind = _kind(path, where)
+  what = _ITK_WHAT[kind]
+  try:
+    fields = _itk_header(path)
+  except OSError as e:
+    raise _library_error(where, what, e) from None
+  data = _detached_data_file(path, fields, where)  # before ITK, which would only say "can't open"
+  reader = _itk_info(path, where, what)
+  size = tuple(int(s) for s in reader.GetSize())
+  shape = _squeezed_shape(size, where)
+  dtype = _itk_dtype(reader.GetPixelID(), where)
+  spaced = {'space directions', 'spacings'} if kind == 'nrrd' else {'elementspacing', 'elementsize'}
+  affine = None
+  if spaced & set(fields):  # else the file carries no geometry (ITK would say 1.0, origin 0)
+    n = reader.GetDimension()
+    direction = np.asarray(reader.GetDirection(), np.float64).reshape(n, n)[:3, :3]
+    affine = _itk_affine(reader.GetSpacing()[:3], reader.GetOrigin()[:3], direction)
+  pixel = reader.GetPixelID()
+  slabs = _itk_slabs(lambda: sitk.ReadImage(path, pixel), shape, dtype)
+  return _Source(shape, dtype, None, affine, 2, slabs, (path,) + ((data,) if data else ()))
+
+
+def _dicom_series(folder: str, where: str) -> tuple[str, ...]:
+  """The files of the one DICOM series in `folder`, GDCM's order; () when it holds no DICOM."""
+  import SimpleITK as sitk
+
+  reader = sitk.ImageSeriesReader
+  ids = tuple(reader.GetGDCMSeriesIDs(folder))
+  if not ids:
+    return ()
+  if len(ids) > 1:
+    counts = ', '.join(f'{i} ({len(reader.GetGDCMSeriesFileNames(folder, i))} files)' for i in ids)
+    raise UserError(
+      f'{where} holds {len(ids)} DICOM series: {counts}; give a folder with one series (move '
+      'the files of each series into a folder of its own).'
+    )
+  return tuple(reader.GetGDCMSeriesFileNames(folder, ids[0]))
+
+
+def _dicom_source(path: str, where: str) -> _Source:
+  import SimpleITK as sitk
+
+  files = _dicom_series(path, where)
+  infos = []
+  for f in files:
+    reader = _itk_info(f, f'{where}: file {os.path.basename(f)!r}', 'DICOM file')
+    infos.append(
+      (
+        f,
+        tuple(int(s) for s in reader.GetSize()),
+        reader.GetPixelID(),
+        np.asarray(reader.GetOrigin(), np.float64),
+        np.asarray(reader.GetDirection(), np.float64).reshape(3, 3),
+        np.asarray(reader.GetSpacing(), np.float64),
+        all(reader.HasMetaDataKey(t) for t in ('0020|0032', '0020|0037'))
+        and any(reader.HasMetaDataKey(t) for t in ('0028|0030', '0018|1164')),
+      )
+    )
+  first = infos[0]
+  for info in infos[1:]:
+    if info[1] != first[1]:
+      raise UserError(
+        f'{where}: file {os.path.basename(info[0])!r} is {info[1][0]}x{info[1][1]}x{info[1][2]}, '
+        f'but {os.path.basename(first[0])!r} is {first[1][0]}x{first[1][1]}x{first[1][2]}: all '
+        'files of the series must have the same size.'
+      )
+  dtype = np.result_type(*(_itk_dtype(i[2], where) for i in infos))
+  pixel = {np.dtype(v): k for k, v in _itk_dtypes().items()}[np.dtype(dtype)]
+  positioned = all(i[6] for i in infos)
+  if len(infos) == 1 or first[1][2] > 1:  # one (multi-frame) file: ITK's own geometry
+    if len(infos) > 1:
+      raise UserError(
+        f'{where}: the series holds {len(infos)} multi-frame files; expected one multi-frame file '
+        'or one file per slice.'
+      )
+    shape = _squeezed_shape(first[1], where)
+    affine = _itk_affine(first[5], first[3], first[4]) if positioned else None
+    order = [0]
+  else:
+    shape = (first[1][0], first[1][1], len(infos))
+    affine, order = None, list(range(len(infos)))
+    if positioned:
+      affine, order = _dicom_stack(infos, where)
+  files = tuple(infos[i][0] for i in order)
+  slabs = _itk_slabs(lambda: sitk.ReadImage(list(files), pixel), shape, dtype)
+  return _Source(shape, dtype, None, affine, 2, slabs, files)
+
+
+def _dicom_stack(infos, where: str) -> tuple[np.ndarray, list[int]]:
+  """The affine of single-slice files stacked along their normal, and their order along it."""
+  direction, spacing = infos[0][4], infos[0][5]
+  for info in infos[1:]:
+    if not np.allclose(info[4][:, :2], direction[:, :2], atol=1e-4):
+      raise UserError(
+        f'{where}: file {os.path.basename(info[0])!r} has another orientation than '
+        f'{os.path.basename(infos[0][0])!r}: all slices of the series must share it.'
+      )
+  normal = direction[:, 2]
+  heights = [float(normal @ i[3]) for i in infos]
+  order = sorted(range(len(infos)), key=lambda i: heights[i])  # GDCM's order already, normally
+  positions = np.stack([infos[i][3] for i in order])
+  steps = np.diff(positions, axis=0)
+  step = (positions[-1] - positions[0]) / (len(infos) - 1)
+  gap = float(np.linalg.norm(step))
+  if gap <= 1e-6:
+    raise UserError(
+      f'{where}: all {len(infos)} slices lie at the same position: not one 3D volume (several time '
+      'points or echoes?); give a folder with the files of one volume.'
+    )
+  off = np.linalg.norm(steps - step, axis=1)
+  if off.max() > 0.01 * gap:
+    k = int(np.argmax(off))
+    names = [os.path.basename(infos[order[j]][0]) for j in (k, k + 1)]
+    raise UserError(
+      f'{where}: slices {names[0]!r} and {names[1]!r} are {np.linalg.norm(steps[k]):.6g} mm '
+      f'apart, the series on average {gap:.6g} mm: the slices are unevenly spaced (a missing slice '
+      'or a mixed series?); give a folder with one evenly spaced series.'
+    )
+  affine = np.eye(4)
+  # Columns: the in-plane axes (row, column) scaled by the pixel spacing, then the actual step
+  # between slices (ITK itself uses the normal with that step's length: the same unless tilted).
+  affine[:3, 0] = _LPS @ direction[:, 0] * spacing[0]
+  affine[:3, 1] = _LPS @ direction[:, 1] * spacing[1]
+  affine[:3, 2] = _LPS @ step
+  affine[:3, 3] = _LPS @ positions[0]
+  return affine, order
+
+
 _SOURCES = {
   'npy': _npy_source,
   'nifti': _nifti_source,
   'tiff': _tiff_source,
   'tiff_dir': _tiff_dir_source,
+  'nrrd': _itk_file_source,
+  'meta': _itk_file_source,
+  'dicom': _dicom_source,
 }
 
 
@@ -840,15 +1277,17 @@ def write_nifti(
 ) -> None:
   """Writes a .nii.gz (or .nii) atomically: a temporary file in the same folder, then os.replace.
 
-  A Volume is streamed in slabs along its last axis (NIfTI's slowest), never loaded whole. The
-  affine's column lengths are set to `spacing` (direction and origin kept); without an affine,
-  diag(spacing) is used. Booleans are written as uint8, float16 as float32 (NIfTI has no float16).
+  A Volume is streamed in slabs along its last axis (NIfTI's slowest), never loaded whole. An
+  affine is written exactly as given (sform; the qform is its closest rotation, as nibabel makes
+  it), the zooms are its column lengths and `spacing` is then not used; without an affine,
+  diag(spacing) is written. Booleans are written as uint8, float16 as float32 (NIfTI has no
+  float16).
 
   Args:
     path: output file, ending in .nii.gz or .nii.
     array_or_volume: a 3D numpy array or a Volume.
-    spacing: voxel spacing per axis (the header zooms).
-    affine: optional 4x4 voxel-to-world matrix (sform and qform).
+    spacing: voxel spacing per axis (the header zooms when there is no affine).
+    affine: optional 4x4 voxel-to-world matrix (sform and qform), e.g. `Volume.affine`.
   """
   import gzip
 
@@ -869,8 +1308,7 @@ def write_nifti(
     raise ValueError(f'expected a 3D integer/float/bool volume, got shape {shape} {dtype}')
   dtype = {'b': np.dtype(np.uint8)}.get(dtype.kind, dtype)
   dtype = np.dtype(np.float32) if dtype == np.float16 else dtype.newbyteorder('=')
-  spacing = [float(s) for s in spacing]
-  base = np.diag([*spacing, 1.0]) if affine is None else _rescale_affine(affine, spacing)
+  base, spacing = _output_geometry(spacing, affine)
   header = nib.Nifti1Image(np.broadcast_to(np.zeros((), dtype), shape), base).header
   header.set_qform(base, code='aligned')
   header.set_sform(base, code='aligned')
@@ -892,6 +1330,141 @@ def write_nifti(
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+def _output_geometry(spacing: Sequence[float], affine) -> tuple[np.ndarray, list[float]]:
+  """(affine, spacing) an output is written with: the affine as given, else diag(spacing)."""
+  if affine is None:
+    spacing = [float(s) for s in spacing]
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+      raise ValueError(f'expected 3 positive spacings, got {tuple(spacing)}')
+    return np.diag([*spacing, 1.0]), spacing
+  affine = np.array(affine, dtype=np.float64)
+  if affine.shape != (4, 4) or not np.isfinite(affine).all():
+    raise ValueError(f'expected a finite 4x4 affine, got {affine.tolist()}')
+  spacing = list(affine_spacing(affine))
+  if not all(s > 0 for s in spacing):
+    raise ValueError(f'the affine has an axis of length 0: {affine.tolist()}')
+  return affine, spacing
+
+
+ITK_SUFFIXES = ('.nrrd', '.nhdr', '.mha', '.mhd')
+
+
+def write_itk(
+  path: str,
+  array_or_volume: 'np.ndarray | Volume',
+  spacing: Sequence[float],
+  affine: np.ndarray | None = None,
+) -> None:
+  """Writes a .nrrd / .mha (or detached .nhdr / .mhd) through SimpleITK, compressed, atomically.
+
+  The file is written in a hidden temporary folder beside `path` (`temp_path`, a name that
+  `files.remove_stale_temporaries` recognises), then renamed into place: a detached data file
+  first, the header last. The volume is held whole in memory (twice: numpy and ITK). The RAS
+  `affine` becomes ITK's LPS direction, origin and spacing (its column lengths; `spacing` is then
+  not used); without one: identity direction, origin 0, `spacing`. Booleans are written as uint8,
+  float16 as float32; other dtypes as they are (uint8 labels stay uint8).
+
+  Args:
+    path: output file, ending in .nrrd, .nhdr, .mha or .mhd.
+    array_or_volume: a 3D numpy array or a Volume (axes (i, j, k) = ITK's (x, y, z)).
+    spacing: voxel spacing per axis (used when there is no affine).
+    affine: optional 4x4 voxel-to-world matrix (RAS, as `Volume.affine`).
+  """
+  import SimpleITK as sitk
+
+  if not path.lower().endswith(ITK_SUFFIXES):
+    raise ValueError(f'ITK output must end in one of {ITK_SUFFIXES}, got {path!r}')
+  if isinstance(array_or_volume, Volume):
+    array = array_or_volume.read((0, 0, 0), array_or_volume.shape)
+  else:
+    array = np.asarray(array_or_volume)
+  if array.ndim != 3 or array.dtype.kind not in 'biuf':
+    raise ValueError(
+      f'expected a 3D integer/float/bool volume, got shape {array.shape} {array.dtype}'
+    )
+  dtype = {'b': np.dtype(np.uint8)}.get(array.dtype.kind, array.dtype)
+  dtype = np.dtype(np.float32) if dtype == np.float16 else dtype.newbyteorder('=')
+  base, spacing = _output_geometry(spacing, affine)
+  image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype, copy=False).transpose()))
+  image.SetSpacing(spacing)
+  if affine is not None:  # else ITK's defaults: identity direction, origin 0
+    image.SetDirection((_LPS @ base[:3, :3] / np.asarray(spacing)).ravel().tolist())
+    image.SetOrigin((_LPS @ base[:3, 3]).tolist())
+  folder, name = os.path.split(os.path.abspath(path))
+  tmp = temp_path(path)
+  try:
+    os.mkdir(tmp)
+    sitk.WriteImage(image, os.path.join(tmp, name), useCompression=True)
+    for entry in sorted(os.listdir(tmp), key=lambda n: n == name):  # the header last
+      os.replace(os.path.join(tmp, entry), os.path.join(folder, entry))
+    os.rmdir(tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> bool:
+  """Whether two volumes of one shape lie on the same voxel grid, as far as both are known.
+
+  With both affines: every voxel of `b` maps to within `atol` voxels of the same voxel of `a`
+  (inv(A) @ B is the identity within `atol`). Otherwise, where both spacings are known (neither
+  geometry is 'default'): the spacings agree within a relative `atol`. A volume with no known
+  geometry matches any.
+
+  Args:
+    a: a volume.
+    b: another volume.
+    atol: tolerance, in voxels (relative for spacings).
+
+  Returns:
+    True unless the known geometries differ.
+  """
+  if a.shape != b.shape:
+    return False
+  if a.affine is not None and b.affine is not None:
+    to_a = np.linalg.solve(np.asarray(a.affine, np.float64), np.asarray(b.affine, np.float64))
+    return bool(np.allclose(to_a, np.eye(4), rtol=0, atol=atol))
+  if 'default' in (a.geometry, b.geometry):
+    return True
+  return _close(a.spacing, b.spacing, rtol=atol)
+
+
+def check_same_grid(image: Volume, labels: Volume, name: str = 'data.labels') -> None:
+  """Refuses a label volume that is not on the image's voxel grid (`same_grid`).
+
+  A label volume exported from the same scan (e.g. by 3D Slicer) shares its geometry; one that
+  carries none (e.g. .npy) is accepted as it is.
+
+  Args:
+    image: the image volume.
+    labels: the label volume (same shape, checked before).
+    name: how the message names the labels, e.g. 'data.labels' (shown as config.data.labels).
+
+  Raises:
+    UserError: naming both spacings and origins.
+  """
+  if same_grid(image, labels):
+    return
+
+  def describe(vol):
+    origin = (0.0, 0.0, 0.0) if vol.affine is None else vol.affine[:3, 3]
+    return f'spacing {_fmt(vol.spacing)}, origin {_fmt(origin)}'
+
+  other = ''
+  if (
+    image.affine is not None
+    and labels.affine is not None
+    and _close(image.spacing, labels.spacing)
+    and np.allclose(image.affine[:3, 3], labels.affine[:3, 3])
+  ):
+    other = ' (the same spacing and origin, but other axis directions)'
+  raise UserError(
+    f"{_where(name, labels.path)} is not on the image's voxel grid: {describe(labels)}, the image "
+    f"{image.path!r} {describe(image)}{other}: give labels saved on the image's grid (e.g. "
+    'exported from the same scan).'
+  )
 
 
 # --- Checks ---------------------------------------------------------------------------------------
@@ -925,25 +1498,18 @@ def read_errors(vol: Volume) -> Iterator[None]:
     ) from None
 
 
-def validate_volume(vol: Volume, *, min_size: int) -> None:
-  """Checks that a volume can be segmented: every axis holds a patch, no NaN/inf voxel.
+def validate_volume(vol: Volume) -> None:
+  """Checks that a volume can be segmented: no NaN/inf voxel.
 
-  Float volumes are scanned slab by slab (one read pass, memory of one slab).
+  Float volumes are scanned slab by slab (one read pass, memory of one slab). Any size is fine: an
+  axis thinner than a patch is padded (jule3d/working.py).
 
   Args:
     vol: the opened volume.
-    min_size: the patch edge (config.patches.patch_size).
 
   Raises:
-    UserError: naming the volume, the axis or the first slab with a non-finite voxel.
+    UserError: naming the volume and the first slab with a non-finite voxel.
   """
-  for axis, size in enumerate(vol.shape):
-    if size < min_size:
-      raise UserError(
-        f'volume {vol.path!r} has {size} voxels along axis {axis} (shape {vol.shape}), fewer '
-        f'than one patch (config.patches.patch_size = {min_size}): use a smaller patch or a '
-        'larger volume.'
-      )
   if vol.dtype.kind != 'f':
     return
   depth = max(1, _SLAB_BYTES // 4 // (vol.shape[1] * vol.shape[2] * vol.dtype.itemsize))

@@ -172,10 +172,6 @@ def _image_4d(tmp):
   return _path(_npy(tmp, np.stack([image, image], -1), '4d.npy'))
 
 
-def _smaller_than_a_patch(tmp):
-  return _path(_npy(tmp, _image()[:10], 'small.npy'))
-
-
 def _too_few_centres(tmp):
   return [*_path(_npy(tmp, _image())), '--config.data.threshold=4990']
 
@@ -214,6 +210,31 @@ def _fractional_labels(tmp):
   labels[7, 7, 7] = 1.5  # e.g. a probability map given where a label volume was meant
   image = _npy(tmp, _image())
   return [*_path(image), f'--config.data.labels={_npy(tmp, labels, "prob.npy")}']
+
+
+def _nifti(folder: pathlib.Path, array: np.ndarray, affine: np.ndarray, name: str) -> str:
+  path = folder / name
+  nib.save(nib.Nifti1Image(array, affine), str(path))
+  return str(path)
+
+
+def _spacing_contradicting_the_header(tmp):
+  # A clinical CT (0.57 x 0.57 x 5 mm) run with a config made for a micro-CT's 0.02951 mm voxels.
+  image = _nifti(tmp, _image(), np.diag([0.57, 0.57, 5.0, 1.0]), 'ct.nii.gz')
+  return [*_path(image), '--config.data.spacing=(0.02951,0.02951,0.02951)']
+
+
+def _labels_on_another_grid(tmp):
+  image = _nifti(tmp, _image(), np.eye(4), 'ct.nii.gz')
+  moved = np.eye(4)
+  moved[:3, 3] = (0.0, 12.0, 0.0)  # the same size, but 12 voxels off: another scan's labels
+  labels = _nifti(tmp, np.ones(SHAPE, np.uint8), moved, 'labels.nii.gz')
+  return [*_path(image), f'--config.data.labels={labels}']
+
+
+def _damaged_nrrd(tmp):
+  (tmp / 'scan.nrrd').write_bytes(b'NRRD0004\ntype: banana\n\n' + b'\0' * 64)
+  return _path(f'{tmp}/scan.nrrd')
 
 
 def _big_npy(tmp):
@@ -279,13 +300,17 @@ CASES = {
   'complex64 voxels': Case(_complex_voxels, 'complex64', 'expected integers, floats'),
   '2D image': Case(_image_2d, '2D image', 'one .tif file per slice'),
   '4D image': Case(_image_4d, '4D image', 'save a single channel'),
-  'smaller than a patch': Case(_smaller_than_a_patch, 'small.npy', 'use a smaller patch'),
   'too few foreground centres': Case(_too_few_centres, 'num_patches = 240', 'change the threshold'),
   'phantom with too few centres': Case(
     _phantom_with_too_few_centres, 'num_patches = 100000', 'lower num_patches', workdir='existing'
   ),
   'NaN voxels': Case(_nan_voxels, 'nan.npy', 'replace them with a finite value'),
   'labels of another shape': Case(_labels_of_another_shape, 'labels.npy', 'must match the image'),
+  'labels on another grid': Case(_labels_on_another_grid, 'origin (0, 12, 0)', "the image's grid"),
+  'spacing contradicting the header': Case(
+    _spacing_contradicting_the_header, '(0.57, 0.57, 5)', 'spacing_override=True'
+  ),
+  'damaged NRRD': Case(_damaged_nrrd, 'scan.nrrd', 'damaged'),
   'labels zarr with a corrupt chunk': Case(
     _labels_zarr_with_a_corrupt_chunk, 'labels.zarr', 'damaged'
   ),

@@ -22,6 +22,13 @@ PAPER_VALUES = {
 # Fields added since the snapshot: the extensions' switches and the Atropos baseline's settings.
 NEW_FIELDS = [f for f in PAPER_VALUES if f != 'patches.mask_outside']
 NEW_FIELDS += ['evaluate.atropos', 'evaluate.atropos_max_voxels']
+NEW_FIELDS += ['data.spacing_override']  # the file's geometry is the truth: a replacement is opt-in
+# The working grid (jule3d/working.py): data handling, a no-op on the paper's isotropic volumes.
+NEW_FIELDS += ['data.max_anisotropy', 'data.resample_spacing']
+# Fields whose value moved since the snapshot: the paper's voxel edge was imposed on every input as
+# data.spacing; it is now data.expected_spacing (a scan's own header wins, a mismatch is logged),
+# and data.spacing stays unset in the paper configs.
+MOVED = {'data.expected_spacing': 'data.spacing'}
 
 
 def _get(c, field):
@@ -31,6 +38,10 @@ def _get(c, field):
 
 def _without_new_fields(d):
   d = json.loads(json.dumps(d))
+  for new, old in MOVED.items():
+    (new_group, new_name), (old_group, old_name) = new.split('.'), old.split('.')
+    assert d[old_group][old_name] == [], f'{old} is set: the paper configs must leave it unset'
+    d[old_group][old_name] = d[new_group].pop(new_name)
   for field in NEW_FIELDS:
     group, name = field.split('.')
     d[group].pop(name)

@@ -255,6 +255,12 @@ def test_evaluate_end_to_end(tmp_path, annotate):
   assert set(rep['versions']) >= {'python', 'jax', 'flax', 'numpy', 'scikit-learn', 'tensorstore'}
   assert rep['config']['segment']['num_segments'] == 3
   assert out['nmi'] == rep['nmi']
+  # Also with a reference: the threshold's foreground, its coverage and the segment sizes.
+  fg = inputs.image.read((0, 0, 0), inputs.image.shape) >= 500.0
+  assert rep['reference'] is True and rep['figures_error'] is None
+  assert rep['threshold']['foreground_voxels'] == int(fg.sum())
+  assert rep['coverage']['labelled_fraction'] == pytest.approx((fg & (seg > 0)).sum() / fg.sum())
+  assert rep['segments']['jule3d']['labelled_voxels'] == int((seg > 0).sum())
   timings = json.loads((wd / 'timings.json').read_text())
   assert timings['train'] == 10.0 and timings['evaluate'] == rep['timing_s']['evaluate']
   md = (wd / 'report.md').read_text()
@@ -284,10 +290,8 @@ def test_evaluate_reuses_baselines_and_can_skip_figures(tmp_path):
 
 
 def test_evaluate_user_errors(tmp_path):
+  # (Without labels evaluate writes an unscored report: tests/test_report.py.)
   wd, inputs, ref, _ = _workdir(tmp_path)
-  no_labels = pipeline.Inputs(config=inputs.config, image=inputs.image, labels=None)
-  with pytest.raises(UserError, match='config.data.labels'):
-    evaluate.evaluate(no_labels, str(wd))
   empty = pipeline.Inputs(
     config=inputs.config, image=inputs.image, labels=_save(tmp_path / 'z.zarr', ref * 0)
   )

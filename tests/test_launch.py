@@ -45,3 +45,23 @@ def test_a_disk_filling_up_mid_run_gives_one_line_and_the_rerun_finishes(tmp_pat
   monkeypatch.delenv('PYTHONPATH')
   proc = run_cli(SMOKE, f'--workdir={workdir}', '--mode=train', check=True)
   assert (workdir / 'train_history.json').exists()
+
+
+def test_threshold_otsu_from_the_command_line_is_resolved_and_logged(tmp_path):
+  # 'otsu' parses as a string, passes validation and becomes a number once the image is open
+  # (then --mode=segment on an empty workdir stops, as it should, at the missing checkpoint).
+  proc = run_cli(SMOKE, f'--workdir={tmp_path}', '--mode=segment', '--config.data.threshold=otsu')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  logged = [
+    line for line in proc.stderr.splitlines() if 'foreground: config.data.threshold' in line
+  ]
+  assert len(logged) == 1 and '(otsu' in logged[0] and '% of the volume' in logged[0], logged
+  assert 'no checkpoint' in proc.stderr.splitlines()[-1]
+
+
+def test_a_threshold_string_other_than_otsu_is_one_line(tmp_path):
+  proc = run_cli(SMOKE, f'--workdir={tmp_path / "w"}', '--config.data.threshold=median')
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert lines[-1].startswith("error: config.data.threshold = 'median'") and "'otsu'" in lines[-1]
+  assert not (tmp_path / 'w').exists()

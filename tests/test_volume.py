@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import locale
 import os
 
 import nibabel as nib
@@ -38,6 +39,12 @@ def _all(vol):
 
 def _leftovers(folder):
   return [n for n in os.listdir(folder) if '.tmp-' in n]
+
+
+def _warnings(monkeypatch):
+  said = []
+  monkeypatch.setattr(volume.logging, 'warning', lambda msg, *args: said.append(msg % args))
+  return said
 
 
 # --- Formats: voxels and spacing round-trip -------------------------------------------------------
@@ -212,11 +219,13 @@ def test_nifti_scaling_and_big_endian_follow_nibabel(tmp_path):
   np.testing.assert_array_equal(_all(vol), expected)
 
 
-def test_spacing_override_wins_and_rescales_the_affine(tmp_path):
+def test_spacing_override_replaces_the_files_and_keeps_direction_and_origin(tmp_path, monkeypatch):
   a = _array()
   path, affine = _nifti(tmp_path, a, [0.5, 0.25, 2.0])
-  vol = _open(path, tmp_path, spacing=(3.0, 3.0, 1.5))
-  assert vol.spacing == (3.0, 3.0, 1.5)
+  said = _warnings(monkeypatch)
+  vol = _open(path, tmp_path, spacing=(3.0, 3.0, 1.5), spacing_override=True, name='data.path')
+  assert vol.spacing == (3.0, 3.0, 1.5) and vol.geometry == 'override'
+  assert any('(3, 3, 1.5)' in w and '(0.5, 0.25, 2)' in w for w in said), said
   np.testing.assert_allclose(np.linalg.norm(vol.affine[:3, :3], axis=0), [3.0, 3.0, 1.5])
   directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
   np.testing.assert_allclose(vol.affine[:3, :3] / [3.0, 3.0, 1.5], directions, atol=1e-6)
@@ -368,7 +377,7 @@ def test_folder_without_tiffs_or_metadata(tmp_path):
   folder = tmp_path / 'empty'
   folder.mkdir()
   (folder / 'readme.txt').write_text('x')
-  _raises(folder, tmp_path, '.tif', 'zarr')
+  _raises(folder, tmp_path, '.tif', 'zarr', 'DICOM')
 
 
 def test_zarr_group_is_not_a_volume(tmp_path):
@@ -382,7 +391,8 @@ def test_zarr_group_is_not_a_volume(tmp_path):
 def test_bad_spacing_attribute(tmp_path, attr):
   _write_zarr(tmp_path / 'v.zarr', _array(), {'spacing': attr})
   _raises(tmp_path / 'v.zarr', tmp_path, "attribute 'spacing'", '3 positive numbers')
-  assert _open(tmp_path / 'v.zarr', tmp_path, spacing=(1, 2, 3)).spacing == (1, 2, 3)  # override
+  vol = _open(tmp_path / 'v.zarr', tmp_path, spacing=(1, 2, 3))  # a given spacing fills it in
+  assert vol.spacing == (1, 2, 3) and vol.geometry == 'config'
 
 
 @pytest.mark.parametrize('spec', ['{"driver": "zarr", ', '{"driver": "no-such-driver"}'])
@@ -407,15 +417,6 @@ def test_unreadable_file(tmp_path, monkeypatch):
   _raises(path, tmp_path, 'permission')
 
 
-def test_validate_volume_names_a_too_small_axis(tmp_path):
-  np.save(tmp_path / 'v.npy', _array())
-  vol = _open(tmp_path / 'v.npy', tmp_path)
-  volume.validate_volume(vol, min_size=13)
-  with pytest.raises(UserError) as info:
-    volume.validate_volume(vol, min_size=14)
-  assert all(w in str(info.value) for w in (str(vol.path), 'axis 2', '13 voxels', '= 14'))
-
-
 @pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
 def test_validate_volume_names_the_first_non_finite_slab(tmp_path, bad):
   a = _array(np.float32)
@@ -427,12 +428,12 @@ def test_validate_volume_names_the_first_non_finite_slab(tmp_path, bad):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(volume, '_SLAB_BYTES', monkey_depth * 4 * SHAPE[1] * SHAPE[2] * 4)
     with pytest.raises(UserError) as info:
-      volume.validate_volume(vol, min_size=3)
+      volume.validate_volume(vol)
   message = str(info.value)
   assert str(vol.path) in message and '(15, 3, 4)' in message and 'planes 12..15' in message
   a[15, 3, 4] = a[18, 0, 0] = 0
   np.save(tmp_path / 'ok.npy', a)
-  volume.validate_volume(_open(tmp_path / 'ok.npy', tmp_path), min_size=3)
+  volume.validate_volume(_open(tmp_path / 'ok.npy', tmp_path))
 
 
 # --- Writers --------------------------------------------------------------------------------------
@@ -441,11 +442,14 @@ def test_validate_volume_names_the_first_non_finite_slab(tmp_path, bad):
 def test_save_zarr_round_trips_atomically_and_replaces(tmp_path):
   a, b = _array(np.float32), _array(np.int16, seed=5)
   out = tmp_path / 'out.zarr'
-  volume.save_zarr(str(out), a, spacing=(0.5, 0.25, 2.0), affine=AFFINE, chunk=CHUNK)
+  affine = AFFINE.copy()
+  affine[:3, :3] *= np.asarray([0.5, 0.25, 2.0]) / np.linalg.norm(AFFINE[:3, :3], axis=0)
+  volume.save_zarr(str(out), a, spacing=(0.5, 0.25, 2.0), affine=affine, chunk=CHUNK)
   vol = volume.open_volume(str(out))
   np.testing.assert_array_equal(_all(vol), a)
-  assert vol.spacing == (0.5, 0.25, 2.0) and vol.store.chunk_layout.read_chunk.shape == (8, 8, 8)
-  np.testing.assert_allclose(np.linalg.norm(vol.affine[:3, :3], axis=0), (0.5, 0.25, 2.0))
+  np.testing.assert_allclose(vol.spacing, (0.5, 0.25, 2.0), rtol=1e-12)
+  assert vol.store.chunk_layout.read_chunk.shape == (8, 8, 8) and vol.geometry == 'file'
+  np.testing.assert_array_equal(vol.affine, affine)
   volume.save_zarr(str(out), b, spacing=(1, 1, 1))
   vol = volume.open_volume(str(out))
   np.testing.assert_array_equal(_all(vol), b)
@@ -519,3 +523,323 @@ def test_write_nifti_failing_half_way_leaves_the_old_file(tmp_path):
   with pytest.raises(ValueError):
     volume.write_nifti(str(out), vol, (1, 1, 1))
   assert out.read_bytes() == b'an older output' and not _leftovers(tmp_path)
+
+
+# --- Geometry: the file's is the truth ------------------------------------------------------------
+
+LPS = np.diag([-1.0, -1.0, 1.0])  # ITK's LPS world <-> NIfTI's RAS world
+
+
+def _rotation(degrees, axis):
+  k = np.asarray(axis, np.float64) / np.linalg.norm(axis)
+  cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+  t = np.deg2rad(degrees)
+  return np.eye(3) + np.sin(t) * cross + (1 - np.cos(t)) * cross @ cross  # Rodrigues
+
+
+SCAN_SPACING = (0.57, 0.57, 5.0)
+SCAN = np.eye(4)  # a clinical CT's geometry: oblique, shifted, thick slices
+SCAN[:3, :3] = _rotation(30, (1, 2, 3)) @ np.diag(SCAN_SPACING)
+SCAN[:3, 3] = (-12.5, 7.25, 3.0)
+
+
+def _scan_nifti(tmp_path, a=None, name='scan.nii.gz'):
+  a = _array(np.int16, seed=7) if a is None else a
+  nib.save(nib.Nifti1Image(a, SCAN), str(tmp_path / name))
+  return tmp_path / name, a, nib.load(str(tmp_path / name)).affine
+
+
+def test_nifti_affine_and_spacing_are_the_files_exactly(tmp_path):
+  path, a, affine = _scan_nifti(tmp_path)
+  vol = _open(path, tmp_path)
+  np.testing.assert_allclose(vol.affine, affine, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(vol.affine, SCAN, rtol=0, atol=1e-5)  # as written (float32 header)
+  np.testing.assert_allclose(vol.spacing, np.linalg.norm(affine[:3, :3], axis=0), rtol=1e-12)
+  assert vol.geometry == 'file' and vol.dtype == np.int16 and _all(vol).min() < 0
+  np.testing.assert_array_equal(_all(vol), a)
+
+
+@pytest.mark.parametrize('source', ['array', 'volume'])
+def test_write_nifti_writes_the_affine_exactly(tmp_path, source):
+  path, a, affine = _scan_nifti(tmp_path)
+  vol = _open(path, tmp_path)
+  out = tmp_path / 'seg.nii.gz'
+  volume.write_nifti(str(out), a if source == 'array' else vol, vol.spacing, vol.affine)
+  img = nib.load(str(out))
+  np.testing.assert_allclose(img.affine, affine, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(img.get_qform(), affine, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(img.header.get_zooms(), vol.spacing, rtol=1e-6)
+  np.testing.assert_array_equal(np.asanyarray(img.dataobj), a)
+  np.testing.assert_allclose(_open(out, tmp_path / 'again').affine, affine, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('writer', ['save_zarr', 'zarr_writer'])
+def test_zarr_outputs_round_trip_the_affine(tmp_path, writer):
+  path, a, affine = _scan_nifti(tmp_path)
+  vol = _open(path, tmp_path)
+  out = tmp_path / 'seg.zarr'
+  if writer == 'save_zarr':
+    volume.save_zarr(str(out), a, vol.spacing, vol.affine, chunk=CHUNK)
+  else:
+    with volume.zarr_writer(str(out), a.shape, a.dtype, vol.spacing, vol.affine, CHUNK) as store:
+      store.write(a).result()
+  again = volume.open_volume(str(out))
+  np.testing.assert_allclose(again.affine, affine, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(again.spacing, vol.spacing, rtol=1e-12)
+  assert again.geometry == 'file'
+  np.testing.assert_array_equal(_all(again), a)
+
+
+def test_a_config_spacing_that_contradicts_the_file_is_refused_before_converting(tmp_path):
+  path, _, _ = _scan_nifti(tmp_path)
+  message = _raises(path, tmp_path, spacing=(0.02951,) * 3)  # configs/lung_c.py's old spacing
+  assert '(0.02951, 0.02951, 0.02951)' in message and '(0.57, 0.57, 5)' in message, message
+  assert 'remove config.data.spacing' in message and 'spacing_override=True' in message
+  with pytest.raises(UserError, match=r'0\.02951.*0\.57'):
+    _open(path, tmp_path, spacing=(0.02951,) * 3)
+  vol = _open(path, tmp_path, spacing=(0.57, 0.57, 5.00001))  # agreeing (within 1e-4): accepted
+  assert vol.geometry == 'file' and vol.spacing == tuple(np.linalg.norm(vol.affine[:3, :3], axis=0))
+
+
+def test_spacing_override_keeps_direction_and_origin_of_an_oblique_scan(tmp_path):
+  path, _, affine = _scan_nifti(tmp_path)
+  vol = _open(path, tmp_path, spacing=(0.5, 0.5, 2.5), spacing_override=True)
+  assert vol.spacing == (0.5, 0.5, 2.5) and vol.geometry == 'override'
+  np.testing.assert_allclose(np.linalg.norm(vol.affine[:3, :3], axis=0), (0.5, 0.5, 2.5))
+  directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+  np.testing.assert_allclose(vol.affine[:3, :3] / (0.5, 0.5, 2.5), directions, atol=1e-12)
+  np.testing.assert_array_equal(vol.affine[:3, 3], affine[:3, 3])
+  _raises(path, tmp_path / 'x', 'spacing_override', 'config.data.spacing', spacing_override=True)
+
+
+def test_expected_spacing_applies_only_to_an_input_without_spacing(tmp_path, monkeypatch):
+  said = _warnings(monkeypatch)
+  np.save(tmp_path / 'v.npy', _array())
+  vol = _open(tmp_path / 'v.npy', tmp_path, expected_spacing=(0.03,) * 3, name='data.path')
+  assert vol.spacing == (0.03,) * 3 and vol.geometry == 'expected' and vol.affine is None
+  assert not said
+  path, _, affine = _scan_nifti(tmp_path)
+  vol = _open(path, tmp_path, expected_spacing=(0.03,) * 3, name='data.path')
+  assert vol.geometry == 'file' and vol.spacing == tuple(np.linalg.norm(affine[:3, :3], axis=0))
+  np.testing.assert_array_equal(vol.affine, affine)
+  [warning] = said
+  assert '(0.57, 0.57, 5)' in warning and '(0.03, 0.03, 0.03)' in warning, warning
+  vol = _open(tmp_path / 'v.npy', tmp_path, spacing=(1, 2, 3), expected_spacing=(0.03,) * 3)
+  assert vol.spacing == (1, 2, 3) and vol.geometry == 'config'  # data.spacing wins over expected
+
+
+def test_npy_takes_the_config_spacing_or_warns_it_has_none(tmp_path, monkeypatch):
+  said = _warnings(monkeypatch)
+  np.save(tmp_path / 'v.npy', _array())
+  vol = _open(tmp_path / 'v.npy', tmp_path, spacing=(0.5, 0.5, 2.0), name='data.path')
+  assert vol.spacing == (0.5, 0.5, 2.0) and vol.geometry == 'config' and not said
+  vol = _open(tmp_path / 'v.npy', tmp_path, name='data.path')
+  assert vol.spacing == (1.0, 1.0, 1.0) and vol.geometry == 'default'
+  [warning] = said
+  assert 'config.data.spacing' in warning and 'no voxel spacing' in warning
+
+
+def test_labels_on_another_grid_are_refused(tmp_path):
+  path, a, _ = _scan_nifti(tmp_path)
+  image = _open(path, tmp_path)
+  same, _, _ = _scan_nifti(tmp_path, (a > 0).astype(np.uint8), 'labels.nii.gz')  # Slicer-like
+  volume.check_same_grid(image, _open(same, tmp_path))
+  np.save(tmp_path / 'labels.npy', (a > 0).astype(np.uint8))  # no geometry at all: accepted
+  volume.check_same_grid(image, _open(tmp_path / 'labels.npy', tmp_path))
+  shifted = SCAN.copy()
+  shifted[:3, 3] += (4.0, 0, 0)
+  nib.save(nib.Nifti1Image((a > 0).astype(np.uint8), shifted), str(tmp_path / 'moved.nii.gz'))
+  moved = _open(tmp_path / 'moved.nii.gz', tmp_path)
+  assert not volume.same_grid(image, moved)
+  with pytest.raises(UserError) as info:
+    volume.check_same_grid(image, moved)
+  message = str(info.value)
+  assert '\n' not in message and 'config.data.labels' in message and 'moved.nii.gz' in message
+  for origin in ('(-12.5, 7.25, 3)', '(-8.5, 7.25, 3)'):
+    assert origin in message, message
+  assert message.count('(0.57, 0.57, 5)') == 2, message
+
+
+# --- ITK formats: NRRD, MetaImage, DICOM ----------------------------------------------------------
+
+
+def _erase_metadata(image):
+  for key in image.GetMetaDataKeys():  # NIfTI header fields MetaImage cannot store: no warnings
+    image.EraseMetaData(key)
+  return image
+
+
+def test_itk_convention_equals_itks_own_nifti_reading(tmp_path):
+  import SimpleITK as sitk
+
+  path, a, affine = _scan_nifti(tmp_path)
+  image = _erase_metadata(sitk.ReadImage(str(path)))
+  for suffix in ('.nrrd', '.mha'):
+    sitk.WriteImage(image, str(tmp_path / f'itk{suffix}'), useCompression=True)
+  nifti = _open(path, tmp_path)
+  for suffix in ('.nrrd', '.mha'):
+    vol = _open(tmp_path / f'itk{suffix}', tmp_path)
+    assert vol.shape == a.shape and vol.dtype == nifti.dtype == np.int16
+    np.testing.assert_array_equal(_all(vol), _all(nifti))
+    np.testing.assert_allclose(vol.affine, nifti.affine, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(vol.spacing, nifti.spacing, rtol=1e-6)
+    assert vol.geometry == 'file'
+
+
+def _itk_array(dtype):
+  a = _array(np.int16 if dtype == np.uint8 else dtype, seed=11)
+  return (a % 7).astype(np.uint8) if dtype == np.uint8 else a  # labels 0..6
+
+
+@pytest.mark.parametrize('dtype', [np.int16, np.uint8, np.float32])
+@pytest.mark.parametrize('suffix', ['.nrrd', '.nhdr', '.mha', '.mhd'])
+def test_write_itk_round_trips_voxels_dtype_and_geometry(tmp_path, suffix, dtype):
+  import SimpleITK as sitk
+
+  a = _itk_array(dtype)
+  out = tmp_path / f'seg{suffix}'
+  out.write_bytes(b'an older output')
+  volume.write_itk(str(out), a, SCAN_SPACING, SCAN)
+  names = sorted(os.listdir(tmp_path))
+  if suffix in ('.nhdr', '.mhd') and len(names) == 1:
+    pytest.skip(f'this SimpleITK writes {suffix} with the voxels inside, not detached')
+  assert len(names) == (2 if suffix in ('.nhdr', '.mhd') else 1), names  # no temporary left
+  assert np.dtype(sitk.GetArrayViewFromImage(sitk.ReadImage(str(out))).dtype) == dtype
+  vol = _open(out, tmp_path / 'c')
+  assert vol.shape == a.shape and vol.dtype == dtype and vol.geometry == 'file'
+  np.testing.assert_array_equal(_all(vol), a)
+  np.testing.assert_allclose(vol.affine, SCAN, rtol=0, atol=1e-9)
+  np.testing.assert_allclose(vol.spacing, SCAN_SPACING, rtol=1e-9)
+  again = tmp_path / f'again{suffix}'  # a Volume, its own geometry: the same file content
+  volume.write_itk(str(again), vol, vol.spacing, vol.affine)
+  np.testing.assert_array_equal(_all(_open(again, tmp_path / 'c2')), a)
+
+
+def test_write_itk_without_affine_and_its_failures(tmp_path, monkeypatch):
+  import SimpleITK as sitk
+
+  from jule3d import files
+
+  a = _itk_array(np.uint8) > 3  # bool: written as uint8
+  out = tmp_path / 'mask.nrrd'
+  volume.write_itk(str(out), a, (0.5, 0.25, 2.0))
+  image = sitk.ReadImage(str(out))
+  assert image.GetPixelID() == sitk.sitkUInt8 and image.GetSpacing() == (0.5, 0.25, 2.0)
+  assert image.GetOrigin() == (0, 0, 0) and image.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+  vol = _open(out, tmp_path / 'c')
+  np.testing.assert_allclose(vol.affine, np.diag([-0.5, -0.25, 2.0, 1.0]))  # LPS identity in RAS
+  np.testing.assert_array_equal(_all(vol), a.astype(np.uint8))
+  before = out.read_bytes()
+  monkeypatch.setattr(
+    sitk, 'WriteImage', lambda *args, **kw: (_ for _ in ()).throw(OSError('full'))
+  )
+  with pytest.raises(OSError):
+    volume.write_itk(str(out), a, (1, 1, 1))
+  assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ['c', 'mask.nrrd']
+  assert files._TEMPORARY.match(os.path.basename(volume.temp_path(str(out))))  # cleaned if killed
+
+
+def test_detached_data_file_is_stamped_and_must_exist(tmp_path):
+  out = tmp_path / 'v.nhdr'
+  volume.write_itk(str(out), _array(), SCAN_SPACING, SCAN)
+  [data] = [n for n in os.listdir(tmp_path) if n != 'v.nhdr']
+  source = volume._SOURCES['nrrd'](str(out), 'v')
+  assert source.files == (str(out), str(tmp_path / data))  # an edited data file is converted again
+  os.rename(tmp_path / data, tmp_path / 'elsewhere')
+  _raises(out, tmp_path, repr(data), 'data file')
+
+
+def test_itk_bad_inputs(tmp_path):
+  import SimpleITK as sitk
+
+  (tmp_path / 'bad.nrrd').write_bytes(b'this is not an image at all ' * 20)
+  _raises(tmp_path / 'bad.nrrd', tmp_path, 'not a readable NRRD file')
+  (tmp_path / 'bad.mha').write_bytes(b'ObjectType = Image\nNDims = banana\n')
+  _raises(tmp_path / 'bad.mha', tmp_path, 'not a readable MetaImage file')
+  sitk.WriteImage(sitk.GetImageFromArray(np.zeros((17, 13), np.int16)), str(tmp_path / 'flat.nrrd'))
+  _raises(tmp_path / 'flat.nrrd', tmp_path, '2D')
+  rgb = sitk.GetImageFromArray(np.zeros((5, 17, 13, 3), np.uint8), isVector=True)
+  sitk.WriteImage(rgb, str(tmp_path / 'rgb.mha'))
+  _raises(tmp_path / 'rgb.mha', tmp_path, 'colour', '3 components')
+  volume.write_itk(str(tmp_path / 'cut.nrrd'), _array(), (1, 1, 1))
+  data = (tmp_path / 'cut.nrrd').read_bytes()
+  (tmp_path / 'cut.nrrd').write_bytes(data[: len(data) // 2])  # the header parses, the voxels end
+  _raises(tmp_path / 'cut.nrrd', tmp_path, 'damaged or truncated')
+
+
+def _write_dicom_series(folder, a, spacing, rotation, origin, uid, names):
+  """One slice file per index of axis 2 (ITK's z), tags as a scanner writes them."""
+  saved = locale.setlocale(locale.LC_ALL)
+  try:
+    _write_dicom_slices(folder, a, spacing, rotation, origin, uid, names)
+  finally:  # GDCM's writer leaves the process in the C locale: later text decoding would be ASCII
+    locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder, a, spacing, rotation, origin, uid, names):
+  import SimpleITK as sitk
+
+  folder.mkdir(exist_ok=True)
+  image = sitk.GetImageFromArray(a.transpose())
+  image.SetSpacing(spacing)
+  image.SetDirection(rotation.ravel().tolist())
+  image.SetOrigin(origin)
+  writer = sitk.ImageFileWriter()
+  writer.KeepOriginalImageUIDOn()
+  iop = '\\'.join(f'{v:.10f}' for v in (*rotation[:, 0], *rotation[:, 1]))
+  for z, name in enumerate(names):
+    plane = image[:, :, z]
+    ipp = '\\'.join(f'{v:.10f}' for v in image.TransformIndexToPhysicalPoint((0, 0, z)))
+    tags = {
+      '0008|0060': 'CT',
+      '0008|0018': f'{uid}.{z + 1}',  # SOPInstanceUID
+      '0020|000d': '1.2.826.0.1.3680043.2.1125.7',  # StudyInstanceUID
+      '0020|000e': uid,  # SeriesInstanceUID
+      '0020|0013': str(z + 1),
+      '0020|0032': ipp,  # ImagePositionPatient
+      '0020|0037': iop,  # ImageOrientationPatient
+      '0028|0030': f'{spacing[1]}\\{spacing[0]}',  # PixelSpacing: row (y), then column (x)
+      '0018|0050': str(spacing[2]),  # SliceThickness
+    }
+    for key, value in tags.items():
+      plane.SetMetaData(key, value)
+    writer.SetFileName(str(folder / name))
+    writer.Execute(plane)
+
+
+def test_dicom_series_in_position_order_with_its_geometry(tmp_path):
+  import SimpleITK as sitk
+
+  a = _array(np.int16, seed=13, shape=(19, 16, 12))  # (x, y, z): 12 slices
+  spacing, origin = (0.57, 0.6, 2.5), (10.0, -20.0, 30.5)
+  rotation = _rotation(30, (1, 2, 3))
+  # File names that sort differently from the slice positions (text or natural order alike).
+  names = [f'IM{n:04d}.dcm' for n in np.random.default_rng(1).permutation(a.shape[2])]
+  assert sorted(names) != names
+  _write_dicom_series(
+    tmp_path / 'ct', a, spacing, rotation, origin, '1.2.826.0.1.3680043.2.1125.1', names
+  )
+  before = locale.setlocale(locale.LC_ALL)
+  vol = _open(tmp_path / 'ct', tmp_path, name='data.path')
+  assert locale.setlocale(locale.LC_ALL) == before  # reading leaves the process's locale alone
+  assert vol.shape == a.shape and vol.dtype == np.int16 and vol.geometry == 'file'
+  np.testing.assert_array_equal(_all(vol), a)
+  np.testing.assert_allclose(vol.spacing, spacing, rtol=1e-6)
+  expected = np.eye(4)
+  expected[:3, :3] = LPS @ rotation @ np.diag(spacing)
+  expected[:3, 3] = LPS @ np.asarray(origin)
+  np.testing.assert_allclose(vol.affine, expected, rtol=0, atol=1e-6)
+  itk = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / 'ct')))
+  np.testing.assert_allclose(itk.GetOrigin(), origin, atol=1e-6)  # ITK reads the same geometry
+  np.testing.assert_array_equal(sitk.GetArrayFromImage(itk).transpose(), a)
+  (tmp_path / 'ct' / names[3]).unlink()  # a missing slice: the stack is not evenly spaced
+  _raises(tmp_path / 'ct', tmp_path / 'x', 'unevenly spaced')
+
+
+def test_dicom_folder_with_two_series_is_refused(tmp_path):
+  uids = ('1.2.826.0.1.3680043.2.1125.2', '1.2.826.0.1.3680043.2.1125.3')
+  for k, uid in enumerate(uids):  # 4 and 5 slices
+    a = _array(np.int16, seed=k, shape=(10, 9, 4 + k))
+    names = [f's{k}_{z}.dcm' for z in range(a.shape[2])]
+    _write_dicom_series(tmp_path / 'mixed', a, (1, 1, 2), np.eye(3), (0, 0, 0), uid, names)
+  _raises(tmp_path / 'mixed', tmp_path, *uids, '(4 files)', '(5 files)', 'one series')
