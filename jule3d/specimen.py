@@ -32,7 +32,6 @@ from absl import logging
 from scipy import ndimage
 
 from jule3d import patches, volume
-from jule3d.errors import UserError
 
 _VERSION = 1  # part of the cache key: bump it when the mask or the fill changes
 
@@ -163,7 +162,8 @@ def masked_volume(
     UserError: the cache folder cannot be written.
   """
   final = os.path.join(cache_dir, f'specimen-{_cache_key(vol, threshold, direction, block)}.zarr')
-  if not os.path.isdir(final):
+
+  def slabs():
     near, fill = (
       (known.near, known.fill) if known else coarse_outside(vol, threshold, direction, block)
     )
@@ -176,23 +176,16 @@ def masked_volume(
       value,
       final,
     )
-    try:
-      os.makedirs(cache_dir, exist_ok=True)
-      depth = _slab_depth(block, vol.shape[1] * vol.shape[2])
-      with volume.zarr_writer(
-        final, vol.shape, vol.dtype, vol.spacing, affine=vol.affine, chunk=chunk
-      ) as store:
-        for z0, slab in vol.slabs(depth):
-          rows = near[z0 // block : -(-(z0 + len(slab)) // block)]
-          up = rows.repeat(block, 0).repeat(block, 1).repeat(block, 2)
-          up = up[: len(slab), : vol.shape[1], : vol.shape[2]]
-          out = up & ~patches.foreground(slab, threshold, direction)
-          slab = np.array(slab)
-          slab[out] = value
-          store[z0 : z0 + len(slab)].write(slab).result()
-    except OSError as e:
-      raise UserError(
-        f'the specimen-masked copy of config.data.path cannot be written in {cache_dir!r} '
-        f'({e.strerror or e}): free space there or choose another --workdir.'
-      ) from None
-  return volume.open_volume(final, name='specimen-masked copy of config.data.path')
+    for z0, slab in vol.slabs(_slab_depth(block, vol.shape[1] * vol.shape[2])):
+      rows = near[z0 // block : -(-(z0 + len(slab)) // block)]
+      up = rows.repeat(block, 0).repeat(block, 1).repeat(block, 2)
+      up = up[: len(slab), : vol.shape[1], : vol.shape[2]]
+      out = up & ~patches.foreground(slab, threshold, direction)
+      slab = np.array(slab)
+      slab[out] = value
+      yield z0, slab
+
+  what = 'specimen-masked copy of config.data.path'
+  return volume.derived_copy(
+    final, vol.shape, vol.dtype, vol.spacing, vol.affine, chunk, slabs, what
+  )

@@ -1245,6 +1245,51 @@ def zarr_writer(
     raise
 
 
+def derived_copy(
+  final: str,
+  shape: Sequence[int],
+  dtype,
+  spacing: Sequence[float],
+  affine: np.ndarray | None,
+  chunk: int,
+  slabs: Callable[[], Iterator[tuple[int, np.ndarray]]],
+  what: str,
+) -> Volume:
+  """A volume derived from the input, written once at `final` (a cache path) and reused after.
+
+  Written through `zarr_writer` (atomic: `final` never holds a partial copy), slab by slab, only
+  when `final` does not exist yet; then opened.
+
+  Args:
+    final: the copy's path, named by a key of everything it derives from.
+    shape: its shape.
+    dtype: its dtype.
+    spacing: its spacing.
+    affine: its 4x4 voxel-to-world matrix, or None.
+    chunk: zarr chunk edge.
+    slabs: called only when the copy is missing: yields (z0, slab) covering axis 0.
+    what: what the copy is, for messages (e.g. 'working copy of config.data.path').
+
+  Returns:
+    The opened copy.
+
+  Raises:
+    UserError: the copy cannot be written (disk full, permissions).
+  """
+  if not os.path.isdir(final):
+    try:
+      os.makedirs(os.path.dirname(final), exist_ok=True)
+      with zarr_writer(final, shape, dtype, spacing, affine, chunk) as store:
+        for z0, slab in slabs():
+          store[z0 : z0 + len(slab)].write(slab).result()
+    except OSError as e:
+      raise UserError(
+        f'the {what} cannot be written in {os.path.dirname(final)!r} ({e.strerror or e}): free '
+        'space there or choose another --workdir.'
+      ) from None
+  return open_volume(final, name=what)
+
+
 def save_zarr(
   path: str,
   array: np.ndarray,

@@ -38,7 +38,6 @@ import numpy as np
 from absl import logging
 
 from jule3d import volume
-from jule3d.errors import UserError
 
 _VERSION = 1  # part of the cache key: bump it when the working copy's content changes
 
@@ -239,23 +238,16 @@ def working_volume(
   final = os.path.join(cache_dir, f'working-{_cache_key(vol, grid)}.zarr')
   affine = grid.affine(vol.affine, vol.spacing)
   spacing = tuple(float(s) * k for s, k in zip(vol.spacing, grid.scale, strict=True))
-  if not os.path.isdir(final):
+  dtype = np.float32 if grid.resampled else vol.dtype
+  depth = max(1, min(chunk, (256 << 20) // max(1, grid.shape[1] * grid.shape[2] * 4)))
+
+  def slabs():
     logging.info('working grid: %s -> %s', describe(grid, vol.spacing), final)
-    dtype = np.float32 if grid.resampled else vol.dtype
-    plane = grid.shape[1] * grid.shape[2] * 4
-    depth = max(1, min(chunk, (256 << 20) // max(1, plane)))
-    try:
-      os.makedirs(cache_dir, exist_ok=True)
-      with volume.zarr_writer(final, grid.shape, dtype, spacing, affine, chunk) as store:
-        for z0 in range(0, grid.shape[0], depth):
-          z1 = min(z0 + depth, grid.shape[0])
-          store[z0:z1].write(sample(vol, grid, z0, z1)).result()
-    except OSError as e:
-      raise UserError(
-        f'the working copy of config.data.path cannot be written in {cache_dir!r} '
-        f'({e.strerror or e}): free space there or choose another --workdir.'
-      ) from None
-  return volume.open_volume(final, name='working copy of config.data.path')
+    for z0 in range(0, grid.shape[0], depth):
+      yield z0, sample(vol, grid, z0, min(z0 + depth, grid.shape[0]))
+
+  what = 'working copy of config.data.path'
+  return volume.derived_copy(final, grid.shape, dtype, spacing, affine, chunk, slabs, what)
 
 
 def to_input(labels: volume.Volume, grid: Grid, z0: int, z1: int) -> np.ndarray:

@@ -91,3 +91,19 @@ def test_every_lung_config_takes_cpu_and_paper():
     assert not both.patches.mask_outside and both.cluster.initial_features == 'raw'
     with pytest.raises(ValueError, match='unknown'):
       mod.get_config('gpu')
+
+
+def test_the_own_scan_config_is_the_recommended_method_with_geometry_from_the_file():
+  from configs import scan
+  from jule3d import checks
+
+  c, paper = scan.get_config(), scan.get_config('paper')
+  for field, value in base.RECOMMENDED.items():
+    assert _get(c, field) == value, field
+  for field, value in PAPER_VALUES.items():
+    assert _get(paper, field) == value, field
+  # Geometry comes from the file: the config imposes no spacing; the threshold is derived.
+  assert c.data.spacing == () and c.data.expected_spacing == () and not c.data.spacing_override
+  assert c.data.threshold == 'otsu' and c.data.max_anisotropy > 1
+  c.data.path = '/data/ct.nii.gz'
+  checks.validate_config(c)
