@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 
 import numpy as np
@@ -65,17 +64,21 @@ def atropos_baseline(image, config, out_dir: str, overwrite: bool = False) -> di
     return {'skipped': reason}
   k = int(c.segment.num_segments)
   settings = {**baselines.baseline_settings(image, c), 'method': NAME, 'mrf': MRF_WEIGHT}
+  for unused in ('seed', 'max_fit', 'restarts'):  # k-means settings: Atropos uses none of them
+    settings.pop(unused)
   path = os.path.join(out_dir, f'{NAME}.zarr')
   stored = baselines.stored_baseline(path, settings)
   if stored and not overwrite:
     return {'path': path, 'reused': True, **stored['result']}
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
-  work = tempfile.mkdtemp(prefix='.atropos-', dir=out_dir)
+  # A temporary name that files.remove_stale_temporaries knows: a killed run leaves nothing behind.
+  work = volume.temp_path(os.path.join(out_dir, f'{NAME}-work'))
+  os.mkdir(work)
   try:
     arr = image.read((0, 0, 0), image.shape)
     mask = patches.foreground(arr, c.data.threshold, c.data.foreground)
-    files = [os.path.join(work, f) for f in ('image.nii.gz', 'mask.nii.gz', 'out.nii.gz')]
+    files = [os.path.join(work, f) for f in ('image.nii', 'mask.nii', 'out.nii')]
     volume.write_nifti(files[0], arr.astype(np.float32), image.spacing, image.affine)
     volume.write_nifti(files[1], mask.astype(np.uint8), image.spacing, image.affine)
     del arr
@@ -91,13 +94,10 @@ def atropos_baseline(image, config, out_dir: str, overwrite: bool = False) -> di
     labels = np.asarray(nib.load(files[2]).dataobj).astype(np.uint8)
     labels[~mask] = 0
     result = {'mrf': MRF_WEIGHT, 'seconds': round(time.time() - t0, 3)}
-    tmp = volume.temp_path(path)
-    store = volume.create_zarr(
-      tmp, image.shape, np.uint8, image.spacing, image.affine,
+    volume.save_zarr(
+      path, labels, image.spacing, image.affine,
       jule3d_baseline={'settings': settings, 'result': result},
     )  # fmt: skip
-    store.write(labels).result()
-    volume.commit_zarr(tmp, path)
   finally:
     shutil.rmtree(work, ignore_errors=True)
   logging.info('Atropos baseline (MRF %.2g): %.1fs', MRF_WEIGHT, time.time() - t0)

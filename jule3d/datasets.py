@@ -75,15 +75,11 @@ def prepare_mni152(outdir: str) -> dict[str, str]:
     arrays = {k: np.asarray(im.dataobj) for k, im in imgs.items()}
     labels = mni152_labels(arrays['t1'], arrays['gm'], arrays['wm'])
     t1 = imgs['t1']
-    tmp = volume.temp_path(labels_path)
-    store = volume.create_zarr(
-      tmp,
-      labels.shape,
-      np.uint8,
+    volume.save_zarr(
+      labels_path,
+      labels.astype(np.uint8),
       t1.header.get_zooms()[:3],
-      affine=t1.affine,
+      t1.affine,
       label_names={str(k): v for k, v in LABEL_NAMES.items()},
     )
-    store.write(labels).result()
-    volume.commit_zarr(tmp, labels_path)
   return {'image': paths['t1'], 'labels': labels_path}

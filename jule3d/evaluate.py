@@ -369,7 +369,7 @@ def _working_grid(inputs, img) -> dict | None:
 
   return {
     'shape': list(grid.shape),
-    'spacing': [float(s) * k for s, k in zip(img.spacing, grid.scale, strict=True)],
+    'spacing': list(grid.spacing(img.spacing)),
     'pad': list(grid.pad),
     'description': working.describe(grid, img.spacing),
   }
@@ -393,7 +393,9 @@ def _add(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
   return total
 
 
-def summarise(inputs, predictions: Mapping, *, slab_depth: int | None = None) -> dict:
+def summarise(
+  inputs, predictions: Mapping, *, slab_depth: int | None = None, match: bool = True
+) -> dict:
   """Foreground, coverage and segment sizes, in one streaming pass over image and label volumes.
 
   Needs no reference. The domain is what jule3d.patches.in_domain says for the config (the
@@ -403,6 +405,8 @@ def summarise(inputs, predictions: Mapping, *, slab_depth: int | None = None) ->
     inputs: pipeline.Inputs (config with a numeric data.threshold, image, interior).
     predictions: method name -> label Volume or array of the image's shape; 'jule3d' must be one.
     slab_depth: planes per slab (default: ~8M voxels, at most 64).
+    match: also match every other method's labels to jule3d's (the colours without a reference);
+      False: 'matching' holds jule3d's only.
 
   Returns:
     {'threshold': {'value', 'rule', 'direction', 'foreground_voxels', 'foreground_fraction'},
@@ -423,14 +427,14 @@ def summarise(inputs, predictions: Mapping, *, slab_depth: int | None = None) ->
   shape = tuple(img.shape)
   fg_voxels = dom_voxels = labelled = 0
   sizes = {name: np.zeros(1, np.int64) for name in predictions}
-  cross = {name: {} for name in predictions if name != 'jule3d'}
+  cross = {name: {} for name in predictions if name != 'jule3d'} if match else {}
   with volume.read_errors(img):
     for z0, slab in _slabs(img, slab_depth or baselines.slab_depth(shape)):
       z1 = z0 + len(slab)
       reads = {name: _read(pred, z0, z1) for name, pred in predictions.items()}
       fg = patches.foreground(slab, thr, direction)
       coords = (np.arange(z0, z1), np.arange(shape[1]), np.arange(shape[2]))
-      dom = fg if interior is None else patches.in_domain(slab, thr, direction, interior, coords)
+      dom = fg if interior is None else interior.inside(fg, *coords)  # patches.in_domain
       fg_voxels += int(fg.sum())
       dom_voxels += int(dom.sum())
       got = {}
@@ -516,8 +520,6 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
   k = int(c.segment.num_segments)
   if not 1 <= k <= 255:
     raise UserError(f'config.segment.num_segments = {k}: expected 1..255 (uint8 labels).')
-  if isinstance(c.data.threshold, str):  # not resolved by pipeline.resolve_inputs
-    foreground.resolve_threshold(c, img)
   tables = {}
   if labels is not None:
     with volume.read_errors(seg):  # our own output, damaged on disk: rerun --mode=segment
@@ -531,7 +533,9 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
   computed = baselines.intensity_baselines(img, c, out_dir, overwrite=overwrite)
   computed[atropos.NAME] = atropos.atropos_baseline(img, c, out_dir, overwrite=overwrite)
   ready = {n: volume.open_volume(b['path'], name=n) for n, b in computed.items() if 'path' in b}
-  summary = summarise(inputs, {'jule3d': seg, **ready})  # reads name a damaged volume
+  # Reads name a damaged volume; the baselines are matched to jule3d only to colour them when
+  # there is no reference (with one, each is matched to the reference below).
+  summary = summarise(inputs, {'jule3d': seg, **ready}, match=labels is None)
   names, classes = {}, ()
   if labels is not None:
     tables.update(contingencies(labels, ready))

@@ -83,6 +83,11 @@ def otsu_threshold(image, slab_depth: int | None = None) -> float:
   Raises:
     UserError: every voxel has the same intensity (no threshold separates anything).
   """
+  return _otsu(image, slab_depth)[0]
+
+
+def _otsu(image, slab_depth):
+  # (threshold, trimmed histogram counts, bin centres, half bin width)
   from skimage.filters import threshold_otsu
 
   counts, centres, half = histogram(image, slab_depth)
@@ -96,7 +101,8 @@ def otsu_threshold(image, slab_depth: int | None = None) -> float:
   # Normalised: skimage works in float32, where raw counts of a large volume lose precision.
   t = float(threshold_otsu(hist=(counts / counts.sum(), centres))) + half
   dtype = np.dtype(image.dtype)
-  return float(dtype.type(t)) if dtype.kind == 'f' else t
+  t = float(dtype.type(t)) if dtype.kind == 'f' else t
+  return t, counts, centres, half
 
 
 def foreground_voxels(
@@ -137,12 +143,21 @@ def resolve_threshold(config, image) -> dict:
   """
   d = config.data
   rule = d.threshold if isinstance(d.threshold, str) else GIVEN
-  value = otsu_threshold(image) if rule != GIVEN else float(d.threshold)
+  count = None
+  if rule == GIVEN:
+    value = float(d.threshold)
+  else:
+    value, counts, centres, half = _otsu(image, None)
+    if half == 0.5:  # one bin per integer, the threshold between two: the histogram counts exactly
+      count = int(
+        counts[centres > value].sum() if d.foreground == 'above' else counts[centres < value].sum()
+      )
   with d.ignore_type(), d.unlocked():
     d.threshold = value
     if rule != GIVEN:
       d.threshold_rule = rule
-  count = foreground_voxels(image, value, d.foreground)
+  if count is None:
+    count = foreground_voxels(image, value, d.foreground)
   total = math.prod(image.shape)
   logging.info(
     'foreground: config.data.threshold = %g (%s, %r): %.1f%% of the volume (%d of %d voxels)',

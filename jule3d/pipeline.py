@@ -169,8 +169,8 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
   # data.spacing_override); the labels, of the same scan, are opened under the same rules.
   geometry = {
     'spacing': tuple(d.spacing),
-    'spacing_override': bool(d.get('spacing_override', False)),
-    'expected_spacing': tuple(d.get('expected_spacing', ())),
+    'spacing_override': d.spacing_override,
+    'expected_spacing': tuple(d.expected_spacing),
   }
   image = volume.open_volume(
     d.path, cache_dir=cache, chunk=d.cache_chunk, name='data.path', **geometry

@@ -195,7 +195,6 @@ def resumable_features(
   bounds = np.flatnonzero(np.diff(part)) + 1
   bounds = np.concatenate([[0], bounds, [len(centres)]]) if len(centres) else np.zeros(1, int)
   parts, complete = [], True
-  total = len(centres) if owned is None else None
   shown = None
   for a, b in zip(bounds[:-1], bounds[1:], strict=True):
     i = int(part[a])
@@ -204,7 +203,7 @@ def resumable_features(
       parts.append(np.load(path))
       continue
     if shown is None:  # the rate counts only the parts computed now (not those on disk)
-      shown = progress.Progress('grid features', total or len(centres), 'patches', done=int(a))
+      shown = progress.Progress('grid features', len(centres), 'patches', done=int(a))
     if owned is not None and not owned(i):
       complete = False
       continue
@@ -266,8 +265,7 @@ def kmeans_labels(
   seed: int,
   restarts: int,
   max_fit: int,
-  return_distances: bool = False,
-):
+) -> tuple[np.ndarray, np.ndarray]:
   """k-means (k-means++, several restarts) on at most max_fit seeded samples; predicts all in chunks.
 
   Args:
@@ -276,10 +274,9 @@ def kmeans_labels(
     seed: seed.
     restarts: n_init.
     max_fit: subsample size for fitting.
-    return_distances: also return the squared distances to every centroid.
 
   Returns:
-    [M] uint8 labels in 1..K; with return_distances, (labels, [M, K] float32 squared distances).
+    ([M] uint8 labels in 1..K, [M, K] float32 squared distances to every centroid).
   """
   rng = np.random.default_rng([seed, 2])
   fit = (
@@ -289,13 +286,12 @@ def kmeans_labels(
   )
   km = KMeans(n_clusters=k, n_init=restarts, random_state=seed).fit(fit)
   out = np.empty(len(features), np.uint8)
-  dist = np.empty((len(features), k), np.float32) if return_distances else None
+  dist = np.empty((len(features), k), np.float32)
   for i in range(0, len(features), 65536):
     d = km.transform(features[i : i + 65536])
     out[i : i + 65536] = np.argmin(d, axis=1) + 1
-    if dist is not None:
-      dist[i : i + 65536] = np.square(d)
-  return (out, dist) if return_distances else out
+    dist[i : i + 65536] = np.square(d)
+  return out, dist
 
 
 def paint_slab(
@@ -353,6 +349,26 @@ def fill_slab(painted: np.ndarray, domain: np.ndarray) -> np.ndarray:
   return out
 
 
+def _write_slabs(store, n: int, depth: int, labels_of, domain_of=None, halo: int = 0) -> None:
+  """Writes planes [0, n) of a label volume slab by slab, each filled over its domain (fill_slab).
+
+  Args:
+    store: the open tensorstore of the output (uint8).
+    n: planes along axis 0.
+    depth: planes per written slab.
+    labels_of: (a, b) -> uint8 labels of planes [a, b), 0 = not covered.
+    domain_of: (a, b, labels) -> bool voxels of planes [a, b) that must be labelled; None: no fill.
+    halo: planes read on each side of a slab for the fill (its nearest labels may lie there).
+  """
+  for z0 in range(0, n, depth):
+    z1 = min(z0 + depth, n)
+    a, b = (max(0, z0 - halo), min(n, z1 + halo)) if domain_of is not None else (z0, z1)
+    block = labels_of(a, b)
+    if domain_of is not None:
+      block = fill_slab(block, domain_of(a, b, block))
+    store[z0:z1].write(block[z0 - a : z1 - a]).result()
+
+
 def write_labels(store, inputs, centres: np.ndarray, labels: np.ndarray, stride: int) -> None:
   """Paints the grid labels into the label volume slab by slab (and fills, if config.segment.fill).
 
@@ -363,21 +379,21 @@ def write_labels(store, inputs, centres: np.ndarray, labels: np.ndarray, stride:
     labels: [M] labels 1..K.
     stride: s.
   """
-  c = inputs.config
-  img = inputs.image
-  depth = c.data.cache_chunk
-  halo = c.patches.patch_size if c.segment.fill else 0
-  for z0 in range(0, img.shape[0], depth):
-    z1 = min(z0 + depth, img.shape[0])
-    if not halo:
-      store[z0:z1].write(paint_slab(z0, z1, img.shape, centres, labels, stride)).result()
-      continue
-    a, b = max(0, z0 - halo), min(img.shape[0], z1 + halo)
-    painted = paint_slab(a, b, img.shape, centres, labels, stride)
+  c, img = inputs.config, inputs.image
+
+  def domain_of(a, b, _):
     values = np.asarray(img.store[a:b].read().result())
     coords = (np.arange(a, b), np.arange(img.shape[1]), np.arange(img.shape[2]))
-    dom = patches.in_domain(values, c.data.threshold, c.data.foreground, inputs.interior, coords)
-    store[z0:z1].write(fill_slab(painted, dom)[z0 - a : z1 - a]).result()
+    return patches.in_domain(values, c.data.threshold, c.data.foreground, inputs.interior, coords)
+
+  _write_slabs(
+    store,
+    img.shape[0],
+    c.data.cache_chunk,
+    lambda a, b: paint_slab(a, b, img.shape, centres, labels, stride),
+    domain_of if c.segment.fill else None,
+    c.patches.patch_size,
+  )
 
 
 def write_back(store, labels, inputs) -> None:
@@ -392,13 +408,19 @@ def write_back(store, labels, inputs) -> None:
     inputs: pipeline.Inputs with `grid` and `original`.
   """
   c, src, grid = inputs.config, inputs.original, inputs.grid
-  halo = c.patches.patch_size if c.segment.fill else 0
-  for z0, z1, a, block in working.input_slabs(labels, grid, c.data.cache_chunk, halo):
-    if halo:
-      values = np.asarray(src.store[a : a + len(block)].read().result())
-      fg = patches.foreground(values, c.data.threshold, c.data.foreground)
-      block = fill_slab(block, fg | (block > 0))
-    store[z0:z1].write(block[z0 - a : z1 - a]).result()
+
+  def domain_of(a, b, block):
+    values = np.asarray(src.store[a:b].read().result())
+    return patches.foreground(values, c.data.threshold, c.data.foreground) | (block > 0)
+
+  _write_slabs(
+    store,
+    src.shape[0],
+    c.data.cache_chunk,
+    lambda a, b: working.to_input(labels, grid, a, b),
+    domain_of if c.segment.fill else None,
+    c.patches.patch_size,
+  )
 
 
 def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std: float):
@@ -509,7 +531,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': jax.process_index()}
   t_feat = time.time() - t0
   labels, dist = kmeans_labels(
-    feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit, return_distances=True
+    feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit
   )
   sweeps = 0
   if c.segment.smoothing > 0:

@@ -1222,6 +1222,7 @@ def zarr_writer(
   spacing: Sequence[float],
   affine: np.ndarray | None = None,
   chunk: int = 64,
+  **attrs,
 ) -> Iterator[ts.TensorStore]:
   """Context manager: a writable zarr committed to `path` on success, removed on any error.
 
@@ -1232,13 +1233,14 @@ def zarr_writer(
     spacing: voxel spacing per axis.
     affine: optional 4x4 voxel-to-world matrix.
     chunk: chunk edge.
+    **attrs: more JSON-serialisable attributes (create_zarr).
 
   Returns:
     A context manager yielding the writable store (write it completely, e.g. slab by slab).
   """
   tmp = temp_path(path)
   try:
-    yield create_zarr(tmp, shape, dtype, spacing, affine, chunk)
+    yield create_zarr(tmp, shape, dtype, spacing, affine, chunk, **attrs)
     commit_zarr(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1296,6 +1298,7 @@ def save_zarr(
   spacing: Sequence[float],
   affine: np.ndarray | None = None,
   chunk: int = 64,
+  **attrs,
 ) -> None:
   """Writes an in-memory 3D array as a chunked zarr, atomically (an existing store is replaced).
 
@@ -1305,12 +1308,13 @@ def save_zarr(
     spacing: voxel spacing per axis.
     affine: optional 4x4 voxel-to-world matrix.
     chunk: chunk edge.
+    **attrs: more JSON-serialisable attributes (create_zarr).
   """
   array = np.asarray(array)
   if array.dtype.kind not in 'biuf':
     raise ValueError(f'cannot store dtype {array.dtype} as a volume')
   dtype = np.dtype(np.uint8) if array.dtype.kind == 'b' else array.dtype.newbyteorder('=')
-  with zarr_writer(path, array.shape, dtype, spacing, affine, chunk) as store:
+  with zarr_writer(path, array.shape, dtype, spacing, affine, chunk, **attrs) as store:
     store.write(array.astype(dtype, copy=False)).result()
 
 

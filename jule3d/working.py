@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
@@ -98,6 +98,10 @@ class Grid:
     w = np.floor((np.asarray(index, np.float64) + 0.5) / s).astype(np.int64)
     return np.clip(w, 0, n - 1) + p
 
+  def spacing(self, input_spacing: Sequence[float]) -> tuple[float, float, float]:
+    """The working voxel edges, from the input's."""
+    return tuple(float(s) * k for s, k in zip(input_spacing, self.scale, strict=True))
+
   def input_voxels(self, points: np.ndarray) -> np.ndarray:
     """Working voxels [N, 3] -> the nearest input voxels [N, 3] (e.g. to read the reference)."""
     points = np.asarray(points)
@@ -159,7 +163,7 @@ def describe(grid: Grid, spacing: Sequence[float]) -> str:
   """One line for the log and the report: what the working grid is and why."""
   parts = []
   if grid.resampled:
-    edges = ', '.join(f'{s * k:.4g}' for s, k in zip(spacing, grid.scale, strict=True))
+    edges = ', '.join(f'{e:.4g}' for e in grid.spacing(spacing))
     parts.append(
       f'resampled from {grid.input_shape} voxels of ({", ".join(f"{s:.4g}" for s in spacing)}) '
       f'to {grid.size} voxels of ({edges}) (anisotropic input)'
@@ -199,8 +203,8 @@ def sample(vol: volume.Volume, grid: Grid, z0: int, z1: int) -> np.ndarray:
   Returns:
     [z1 - z0, *grid.shape[1:]]: float32 when resampled, else the input's dtype.
   """
-  coords = [grid.input_coordinates(a, np.arange(*r)) for a, r in enumerate(((z0, z1),))]
-  coords += [grid.input_coordinates(a, np.arange(grid.shape[a])) for a in (1, 2)]
+  ranges = ((z0, z1), (0, grid.shape[1]), (0, grid.shape[2]))
+  coords = [grid.input_coordinates(a, np.arange(*r)) for a, r in enumerate(ranges)]
   lo = int(np.floor(coords[0].min()))
   hi = min(int(np.ceil(coords[0].max())) + 1, vol.shape[0])
   out = vol.read((lo, 0, 0), (hi, vol.shape[1], vol.shape[2]))
@@ -237,12 +241,12 @@ def working_volume(
   """
   final = os.path.join(cache_dir, f'working-{_cache_key(vol, grid)}.zarr')
   affine = grid.affine(vol.affine, vol.spacing)
-  spacing = tuple(float(s) * k for s, k in zip(vol.spacing, grid.scale, strict=True))
+  spacing = grid.spacing(vol.spacing)
   dtype = np.float32 if grid.resampled else vol.dtype
   depth = max(1, min(chunk, (256 << 20) // max(1, grid.shape[1] * grid.shape[2] * 4)))
 
   def slabs():
-    logging.info('working grid: %s -> %s', describe(grid, vol.spacing), final)
+    logging.info('writing the working copy %s', final)
     for z0 in range(0, grid.shape[0], depth):
       yield z0, sample(vol, grid, z0, min(z0 + depth, grid.shape[0]))
 
@@ -262,31 +266,8 @@ def to_input(labels: volume.Volume, grid: Grid, z0: int, z1: int) -> np.ndarray:
   Returns:
     [z1 - z0, *grid.input_shape[1:]] labels of `labels`' dtype.
   """
-  iz, iy, ix = (
-    grid.nearest_working(a, np.arange(*r))
-    for a, r in enumerate(((z0, z1), (0, grid.input_shape[1]), (0, grid.input_shape[2])))
-  )
+  ranges = ((z0, z1), (0, grid.input_shape[1]), (0, grid.input_shape[2]))
+  iz, iy, ix = (grid.nearest_working(a, np.arange(*r)) for a, r in enumerate(ranges))
   lo, hi = int(iz.min()), int(iz.max()) + 1
   block = labels.read((lo, 0, 0), (hi, labels.shape[1], labels.shape[2]))
   return block[iz - lo][:, iy][:, :, ix]
-
-
-def input_slabs(
-  labels: volume.Volume, grid: Grid, depth: int, halo: int = 0
-) -> Iterator[tuple[int, int, int, np.ndarray]]:
-  """The labels on the input grid, slab by slab along axis 0, each with `halo` planes around.
-
-  Args:
-    labels: labels on the working grid.
-    grid: the working Grid.
-    depth: input planes per slab.
-    halo: extra input planes read on each side (clipped at the faces).
-
-  Returns:
-    An iterator of (z0, z1, a, block): block holds input planes [a, b) with a <= z0 < z1 <= b.
-  """
-  n = grid.input_shape[0]
-  for z0 in range(0, n, depth):
-    z1 = min(z0 + depth, n)
-    a, b = max(0, z0 - halo), min(n, z1 + halo)
-    yield z0, z1, a, to_input(labels, grid, a, b)
