@@ -3,7 +3,8 @@
   python launch.py --config=configs/lung_c.py --workdir=runs/lung_c --config.data.path=/data/lung_c.zarr
 
 Modes: all (default: train -> segment -> evaluate), train, segment, evaluate. Bad input or config
-gives one line on stderr and exit status 2.
+gives one line on stderr and exit status 2. SIGTERM (or Ctrl-C) stops the run cleanly with one
+line and exit status 143 (130): the same command resumes it. One run at a time per --workdir.
 """
 
 import errno
@@ -90,8 +91,10 @@ class _QuietLibraries(logging.Filter):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  from jule3d import pipeline
+  from jule3d import interrupt, pipeline
   from jule3d.errors import UserError
+
+  interrupt.install()  # SIGTERM / SIGINT: finish the checkpoint being written, then stop cleanly
 
   logging.getLogger('absl').setLevel(logging.INFO)
   for handler in logging.getLogger().handlers:
@@ -100,6 +103,13 @@ def main(argv: list[str]) -> None:
     pipeline.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, overwrite=FLAGS.overwrite)
   except UserError as e:
     _fail(str(e))
+  except interrupt.Stopped as e:
+    print(
+      f'stopped by {e.name}: finished work is kept and nothing is left half-written; rerun the '
+      'same command to resume.',
+      file=sys.stderr,
+    )
+    sys.exit(128 + e.signum)  # what a shell reports for a process ended by that signal
   except (OSError, ValueError) as e:
     if not disk_full(e):
       raise

@@ -160,7 +160,7 @@ def baseline_settings(image, config) -> dict:
   c = config
   return {
     'version': _VERSION,
-    'image': os.path.abspath(image.path) if os.path.exists(image.path) else image.path,
+    'image': volume.identity(image),  # its content, not its path: a moved workdir reuses it
     'shape': list(image.shape),
     'dtype': str(image.dtype),
     'k': int(c.segment.num_segments),

@@ -53,7 +53,7 @@ def remove_stale_temporaries(
 ) -> list[str]:
   """Deletes temporaries a killed run left behind (never a file under a final name).
 
-  Safe because one workdir is used by one run at a time.
+  Safe because one workdir is used by one run at a time (jule3d/lock.py: pipeline.run holds it).
 
   Args:
     folder: the workdir.

@@ -1,9 +1,11 @@
 """What launch.py calls: resolve the inputs once, then train -> segment -> evaluate.
 
 Workdir layout:
+  .jule3d.lock         held by the run using the workdir (jule3d/lock.py)
   phantom/             the built-in phantom, when the config asks for it instead of a data.path
   cache/               non-chunked inputs converted once to chunked zarr
   checkpoints/         orbax checkpoints of phase 1 (see jule3d/checkpoint.py)
+  damaged_checkpoints/ checkpoints that could not be restored, set aside (never deleted)
   train_history.json   one entry per JULE period
   segmentation.zarr    uint8 labels, input shape and spacing; segmentation.nii.gz beside it
   report.json, report.md, figures/
@@ -21,7 +23,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from jule3d import checks, files, foreground, patches, sharding, volume, working
+from jule3d import checks, files, foreground, lock, patches, sharding, volume, working
 from jule3d.errors import UserError
 
 MODES = ('all', 'train', 'segment', 'evaluate')
@@ -64,6 +66,7 @@ def resolve_inputs(
   workdir: str,
   for_training: bool = False,
   for_segmenting: bool = False,
+  created: bool | None = None,
 ) -> Inputs:
   """Validates the config, generates the phantom if asked, opens and checks the volumes.
 
@@ -73,6 +76,8 @@ def resolve_inputs(
     for_training: also check that enough foreground centres exist for config.patches.num_patches.
     for_segmenting: also check that the stride grid holds at least config.segment.num_segments
       foreground patches (so that `--mode=all` does not find out only after training).
+    created: whether the caller created `workdir` for this run (then bad input removes it again);
+      default: whether it does not exist yet.
 
   Returns:
     Inputs with config.data.path (and labels) resolved, and config.data.threshold a number ('otsu'
@@ -83,7 +88,7 @@ def resolve_inputs(
   """
   checks.validate_config(config)
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
-  existed = os.path.isdir(workdir)
+  existed = os.path.isdir(workdir) if created is None else not created
   _make_workdir(workdir)
   before = _entries(workdir)
   try:
@@ -291,6 +296,17 @@ def run(
     raise UserError(f'--mode={mode!r}: expected one of {", ".join(MODES)}.')
   checks.validate_config(config)
   sharding.initialize(config.distributed)
+  with contextlib.ExitStack() as held:
+    if sharding.is_primary():  # one run per workdir: the primary holds the lock for the whole run
+      created = not os.path.isdir(workdir)
+      _make_workdir(workdir)
+      held.enter_context(lock.exclusive(workdir))
+    else:
+      created = None
+    return _run(config, workdir, mode, overwrite, created)
+
+
+def _run(config, workdir: str, mode: str, overwrite: bool, created: bool | None):
   primary = sharding.is_primary()
 
   def resolve():
@@ -299,6 +315,7 @@ def run(
       workdir,
       for_training=mode in ('all', 'train'),
       for_segmenting=mode in ('all', 'segment'),
+      created=created,
     )
 
   # Several processes share the workdir: the primary generates or converts the inputs and clears

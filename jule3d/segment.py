@@ -56,27 +56,39 @@ def load_model(config, workdir: str):
     UserError: no checkpoint, or one trained with different model/patch settings.
   """
   source = config.segment.checkpoint or workdir
-  mgr, step, meta = checkpoint.open_for_inference(source)
-  trained = meta['config']
-  mismatches = [
-    (f'model.{f}', trained['model'][f], config.model[f])
-    for f in _MODEL_FIELDS
-    if _norm(trained['model'][f]) != _norm(config.model[f])
-  ]
-  if trained['patches']['patch_size'] != config.patches.patch_size:
-    mismatches.insert(
-      0, ('patches.patch_size', trained['patches']['patch_size'], config.patches.patch_size)
-    )
-  if mismatches:
-    field, was, now = mismatches[0]
-    raise UserError(
-      f'the checkpoint in {source!r} was trained with config.{field} = {was!r}, but this config has '
-      f'{now!r}: use the config it was trained with (or --config.{field}={was!r}).'
-    )
+  mgr = checkpoint.open_for_inference(source)
   net = model.build_model(config.model)
   tx = objective.make_optimizer(config.train)
   like = objective.create_train_state(net, tx, jax.random.PRNGKey(0), config.patches.patch_size)
-  state, _, meta = checkpoint.restore(mgr, step, like, int(trained['patches']['num_patches']))
+
+  def load(step: int):
+    trained = checkpoint.read_meta(mgr, step)['config']
+    mismatches = [
+      (f'model.{f}', trained['model'][f], config.model[f])
+      for f in _MODEL_FIELDS
+      if _norm(trained['model'][f]) != _norm(config.model[f])
+    ]
+    if trained['patches']['patch_size'] != config.patches.patch_size:
+      mismatches.insert(
+        0, ('patches.patch_size', trained['patches']['patch_size'], config.patches.patch_size)
+      )
+    if mismatches:
+      field, was, now = mismatches[0]
+      raise UserError(
+        f'the checkpoint in {source!r} was trained with config.{field} = {was!r}, but this config '
+        f'has {now!r}: use the config it was trained with (or --config.{field}={was!r}).'
+      )
+    return checkpoint.restore(mgr, step, like, int(trained['patches']['num_patches']))
+
+  # Another run's folder is only read; this run's own damaged checkpoints are moved aside.
+  own = not config.segment.checkpoint and sharding.is_primary()
+  newest = max(mgr.all_steps())
+  step, (state, _, meta) = checkpoint.newest_intact(mgr, load, set_aside=own)
+  if step != newest and not meta.get('done'):  # the finished model was lost: do not use a half one
+    raise UserError(
+      f'the newest checkpoint in {source!r} is damaged and the newest intact one (step {step}) is '
+      'from an unfinished training: run --mode=train (or --mode=all) there to finish it again.'
+    )
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logging.info('restored checkpoint %d from %s', step, checkpoint.checkpoint_dir(source))
   return net, variables, meta

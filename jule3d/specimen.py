@@ -125,12 +125,8 @@ def interior(vol, threshold: float, direction: str, block: int) -> Interior:
 
 
 def _cache_key(vol, threshold: float, direction: str, block: int) -> str:
-  path = vol.path
-  stamp = None
-  if os.path.exists(path):
-    st = os.stat(path)
-    stamp = [os.path.abspath(path), st.st_size, st.st_mtime_ns]
-  key = [_VERSION, path, stamp, list(vol.shape), str(vol.dtype), threshold, direction, block]
+  # Named by the volume's content (volume.identity), not its path: a moved workdir reuses it.
+  key = [_VERSION, volume.identity(vol), threshold, direction, block]
   return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 

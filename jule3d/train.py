@@ -8,9 +8,11 @@ After the period that reaches C clusters, one more training period runs on the f
 (Moriya's extension; `merges` = 0 in the history).
 
 Resume precedence (what `--mode=train` does in a workdir):
-  1. checkpoints there with the same phase-1 config fingerprint: resume from the latest one (a
-     finished run is left as it is);
-  2. checkpoints from a different config: refuse, unless --overwrite, which deletes them first;
+  1. checkpoints there with the same fingerprint (the phase-1 config and the data's content,
+     checkpoint.fingerprint): resume from the newest one that restores intact (a finished run is
+     left as it is); newer damaged ones are moved to damaged_checkpoints/ (checkpoint.newest_intact);
+  2. checkpoints from a different config or other data, or none intact: refuse, unless
+     --overwrite, which deletes them first;
   3. no checkpoint: start from scratch.
 A checkpoint is written after every epoch (named by the global SGD step), so a crash costs at most
 one epoch; within a period, training resumes at the next epoch with the period's labels. The
@@ -42,6 +44,7 @@ from jule3d import (
   patches,
   progress,
   sharding,
+  volume,
 )
 from jule3d.errors import UserError
 
@@ -243,19 +246,41 @@ def _check_finite(losses: np.ndarray, period: int, first_step: int) -> None:
     )
 
 
-def _prepare_workdir(mgr, workdir: str, fp: str, overwrite: bool, keep: int):
-  found = checkpoint.latest_meta(mgr)
-  if found is None:
-    return mgr, None
-  step, meta = found
-  if meta.get('fingerprint') == fp:
-    return mgr, (step, meta)
-  if not overwrite:
-    raise UserError(
-      f'{workdir!r} holds checkpoints of a different config (fingerprint {meta.get("fingerprint")}, '
-      f'this config {fp}): use another --workdir, or --overwrite to delete them and start over.'
-    )
-  logging.warning('--overwrite: deleting checkpoints of another config in %s', workdir)
+class _OtherConfig(UserError):
+  """The workdir's checkpoints were trained with another phase-1 config or other data."""
+
+
+def _open_run(inputs, workdir: str, fp: str, overwrite: bool, state_like, m):
+  """This workdir's checkpoint manager and the newest intact checkpoint of this config, if any.
+
+  Returns:
+    (manager, (step, (state, saved, meta)) or None).
+  """
+  c = inputs.config
+  keep, n_s = c.train.keep_checkpoints, c.patches.num_patches
+  # Checkpoints written before the fingerprint named the data by content (it hashed data.path).
+  legacy = checkpoint.fingerprint(c.to_dict())
+  mgr = checkpoint.manager(workdir, keep=keep)
+
+  def load(step: int):
+    meta = checkpoint.read_meta(mgr, step)
+    if meta.get('fingerprint') not in (fp, legacy):
+      raise _OtherConfig(
+        f'{workdir!r} holds checkpoints of a different config or other data (fingerprint '
+        f'{meta.get("fingerprint")}, this run {fp}): use another --workdir, or --overwrite to '
+        'delete them and start over.'
+      )
+    return checkpoint.restore(mgr, step, state_like, n_s, sharding.replicated(m))
+
+  try:
+    found = checkpoint.newest_intact(mgr, load, set_aside=sharding.is_primary())
+    sharding.barrier('jule3d-checkpoints-checked')
+    mgr.reload()  # the primary may have moved damaged checkpoints away
+    return mgr, found
+  except (_OtherConfig, checkpoint.NoIntactCheckpoint):
+    if not overwrite:
+      raise
+  logging.warning('--overwrite: deleting the checkpoints in %s', workdir)
   if sharding.is_primary():
     shutil.rmtree(checkpoint.checkpoint_dir(workdir))
   sharding.barrier('jule3d-overwrite-checkpoints')
@@ -274,21 +299,18 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     The history dict written to train_history.json.
   """
   c = inputs.config
-  fp = checkpoint.fingerprint(c.to_dict())
-  keep = c.train.keep_checkpoints
-  mgr, resume = _prepare_workdir(
-    checkpoint.manager(workdir, keep=keep), workdir, fp, overwrite, keep
-  )
-  if resume is not None and resume[1].get('done'):
-    logging.info('training already complete in %s (checkpoint %d)', workdir, resume[0])
-    return resume[1]['history']
-
+  data_id = volume.identity(inputs.input_volume)
+  fp = checkpoint.fingerprint(c.to_dict(), data_id)
   net = model.build_model(c.model)
   tx = objective.make_optimizer(c.train)
   state = objective.create_train_state(net, tx, jax.random.PRNGKey(c.seed), c.patches.patch_size)
   embed_fn = model.make_embed_fn(net)
   n_s = c.patches.num_patches
   m = sharding.mesh()
+  mgr, resume = _open_run(inputs, workdir, fp, overwrite, state, m)
+  if resume is not None and resume[1][2].get('done'):
+    logging.info('training already complete in %s (checkpoint %d)', workdir, resume[0])
+    return resume[1][2]['history']
 
   partial = None  # progress inside the current period: {'start', 'merges', 'epochs_done', ...}
   initial = None  # period-0 features, when the no-learning reference has already computed them
@@ -312,8 +334,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
   else:
-    step, meta = resume
-    state, saved, meta = checkpoint.restore(mgr, step, state, n_s, sharding.replicated(m))
+    step, (state, saved, meta) = resume
     data = load_training_data(inputs, centres=saved['centres'], m=m)
     labels = saved['labels']
     period = int(meta['period'])
@@ -346,6 +367,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       'std': data.std,
       'seed': c.seed,
       'fingerprint': fp,
+      'data_identity': data_id,
       'config': json.loads(c.to_json_best_effort()),
       'history': history,
     }

@@ -214,11 +214,8 @@ def sample(vol: volume.Volume, grid: Grid, z0: int, z1: int) -> np.ndarray:
 
 
 def _cache_key(vol: volume.Volume, grid: Grid) -> str:
-  stamp = None
-  if os.path.exists(vol.path):
-    st = os.stat(vol.path)
-    stamp = [os.path.abspath(vol.path), st.st_size, st.st_mtime_ns]
-  key = [_VERSION, vol.path, stamp, list(vol.shape), str(vol.dtype), dataclasses.asdict(grid)]
+  # Named by the input's content (volume.identity), not its path: a moved workdir or scan reuses it.
+  key = [_VERSION, volume.identity(vol), dataclasses.asdict(grid)]
   return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
-from jule3d import volume
+from jule3d import lock, volume
 
 CMD = ['--config=configs/smoke.py']
 SEGMENT_FLAGS = ['--config.segment.part_planes=1']
@@ -55,6 +55,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(smoke_run, tmp_path, 
   flags = SEGMENT_FLAGS if moment == 'segmentation' else []
   killed = _kill_when(workdir, MOMENTS[moment], flags)
   assert killed, f'the run ended before the {moment} moment was reached'
+  # The killed run held the workdir's lock: the kernel released it, so the rerun is not blocked.
+  assert os.path.exists(os.path.join(workdir, lock.LOCK))
   if moment == 'segmentation':  # the rerun finds the saved part and does not compute it again
     parts = glob.glob(os.path.join(workdir, '.segment_progress', '*', 'part_*.npy'))
     assert parts and all(os.path.getsize(p) > 0 for p in parts)

@@ -72,16 +72,27 @@ def test_checkpoint_is_restorable_and_complete(smoke_run):
   assert labels.max() + 1 == c.cluster.num_clusters
   assert meta['done'] and meta['std'] > 0
   assert meta['config']['patches']['patch_size'] == c.patches.patch_size
-  assert meta['fingerprint'] == checkpoint.fingerprint(meta['config'])
+  assert meta['fingerprint'] == checkpoint.fingerprint(meta['config'], meta['data_identity'])
 
 
-def test_resume_mid_period_after_sigkill_gives_the_uninterrupted_result(tmp_path):
-  # Two epochs a period: the first checkpoint (after epoch 1 of period 0) comes before any
-  # period has ended, so the kill lands inside a period and the rerun resumes at epoch 2.
-  args = ['--config=configs/smoke.py', '--mode=train', '--config.train.epochs_per_period=2']
-  workdir = str(tmp_path / 'killed')
-  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), *args, f'--workdir={workdir}']
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# Two epochs a period: the first checkpoint (after epoch 1 of period 0) comes before any period has
+# ended, so a signal sent when it appears lands inside a period (in epoch 2).
+TWO_EPOCHS = ['--config=configs/smoke.py', '--mode=train', '--config.train.epochs_per_period=2']
+
+
+@pytest.fixture(scope='module')
+def two_epochs_run(tmp_path_factory):
+  """The uninterrupted --mode=train run of TWO_EPOCHS."""
+  whole = str(tmp_path_factory.mktemp('whole'))
+  run_cli(*TWO_EPOCHS, f'--workdir={whole}', check=True)
+  return whole
+
+
+def _signal_at_first_checkpoint(workdir: str, signum: int) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), *TWO_EPOCHS, f'--workdir={workdir}']
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   ckpts = os.path.join(workdir, 'checkpoints')
 
   def first_checkpoint():
@@ -90,19 +101,45 @@ def test_resume_mid_period_after_sigkill_gives_the_uninterrupted_result(tmp_path
   deadline = time.time() + 300
   while not first_checkpoint() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.send_signal(signum)
+  _, stderr = proc.communicate()
   assert first_checkpoint(), 'training ended before the first checkpoint appeared'
-  assert not os.path.exists(os.path.join(workdir, train.HISTORY_FILE)), 'killed after a period'
-  run_cli(*args, f'--workdir={workdir}', check=True)
-  whole = str(tmp_path / 'whole')
-  run_cli(*args, f'--workdir={whole}', check=True)
+  assert not os.path.exists(os.path.join(workdir, train.HISTORY_FILE)), 'stopped after a period'
+  return subprocess.CompletedProcess(cmd, proc.returncode, '', stderr)
+
+
+def _assert_same_training(workdir: str, whole: str) -> None:
   got, want = _history(workdir), _history(whole)
   for a, b in zip(got['periods'], want['periods'], strict=True):
     assert {k: v for k, v in a.items() if k != 'seconds'} == pytest.approx(
       {k: v for k, v in b.items() if k != 'seconds'}, rel=1e-6
     )
   np.testing.assert_array_equal(_final_labels(workdir)[0], _final_labels(whole)[0])
+
+
+def test_resume_mid_period_after_sigkill_gives_the_uninterrupted_result(tmp_path, two_epochs_run):
+  workdir = str(tmp_path / 'killed')
+  _signal_at_first_checkpoint(workdir, signal.SIGKILL)
+  run_cli(*TWO_EPOCHS, f'--workdir={workdir}', check=True)
+  _assert_same_training(workdir, two_epochs_run)
+
+
+def test_sigterm_mid_epoch_stops_cleanly_and_the_rerun_gives_the_uninterrupted_result(
+  tmp_path, two_epochs_run
+):
+  workdir = str(tmp_path / 'stopped')
+  stopped = _signal_at_first_checkpoint(workdir, signal.SIGTERM)
+  assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+  last = stopped.stderr.strip().splitlines()[-1]
+  assert last.startswith('stopped by SIGTERM') and 'rerun the same command' in last
+  assert 'Traceback' not in stopped.stderr
+  # Nothing half-written: only complete checkpoints, no orbax or jule3d temporaries.
+  ckpts = os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert ckpts and all(n.isdigit() for n in ckpts), ckpts
+  assert not [n for n in os.listdir(workdir) if 'tmp' in n]
+  rerun = run_cli(*TWO_EPOCHS, f'--workdir={workdir}', check=True)
+  assert 'resuming from checkpoint' in rerun.stderr
+  _assert_same_training(workdir, two_epochs_run)
 
 
 def test_a_different_config_is_not_resumed(smoke_run):
