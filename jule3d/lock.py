@@ -3,8 +3,9 @@
 `exclusive(workdir)` takes `fcntl.flock` on WORKDIR/.jule3d.lock and writes the holder (pid, host,
 start time) into it. A second run on the same workdir is refused at once with one line naming the
 holder. The kernel drops the lock with its process, so after SIGKILL (or a crash, or a reboot) the
-next run is not blocked; the file itself stays (removing it would let two runs lock two different
-files).
+next run is not blocked (the file left behind is simply locked again). A run that ends removes the
+file while still holding the lock; a run that opened it just before sees that its file is no
+longer the one at the path and starts over on the new one, so two runs never hold two files.
 
 Multi-host runs: process 0 takes the lock (pipeline.run); the workdir is then on a shared
 filesystem, whose flock must work across hosts (NFSv4, Lustre mounted with `-o flock`, GPFS). Where
@@ -39,7 +40,7 @@ def _holder(fd: int) -> str:
 
 @contextlib.contextmanager
 def exclusive(workdir: str) -> Iterator[bool]:
-  """Holds the workdir's lock for the duration of the block.
+  """Holds the workdir's lock for the duration of the block; the lock file goes with it.
 
   Args:
     workdir: an existing run directory.
@@ -51,17 +52,19 @@ def exclusive(workdir: str) -> Iterator[bool]:
     UserError: another live run holds the lock.
   """
   path = os.path.join(workdir, LOCK)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-  try:
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      locked = True
     except BlockingIOError:
+      holder = _holder(fd)
+      os.close(fd)
       raise UserError(
-        f'--workdir {workdir!r} is in use by another run ({_holder(fd)}): wait for it to finish '
+        f'--workdir {workdir!r} is in use by another run ({holder}): wait for it to finish '
         '(or stop it), or choose another --workdir.'
       ) from None
     except OSError as e:
+      os.close(fd)
       if e.errno not in _UNSUPPORTED:
         raise
       logging.warning(
@@ -70,12 +73,24 @@ def exclusive(workdir: str) -> Iterator[bool]:
         workdir,
         e.strerror,
       )
-      locked = False
-    if locked:
-      started = time.strftime('%Y-%m-%d %H:%M:%S %Z')
-      info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': started}
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, (json.dumps(info) + '\n').encode(), 0)
-    yield locked
+      yield False
+      return
+    # The holder before us may have removed the file between our open and our flock: then we hold
+    # a lock on a file nobody else will open; start again on the file now at `path`.
+    try:
+      same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)
+  try:
+    started = time.strftime('%Y-%m-%d %H:%M:%S %Z')
+    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': started}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + '\n').encode(), 0)
+    yield True
   finally:
-    os.close(fd)  # releases the lock
+    with contextlib.suppress(OSError):
+      os.unlink(path)  # while still holding the lock: a run that opened it retries (above)
+    os.close(fd)

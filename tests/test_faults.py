@@ -61,6 +61,33 @@ def test_a_copied_workdir_resumes_without_training_again(smoke_run, tmp_path):
   assert _nmi(workdir) == _nmi(smoke_run)
 
 
+def test_other_data_under_the_same_path_is_refused(smoke_run, tmp_path):
+  import tensorstore as ts
+
+  workdir = _copy_of(smoke_run, tmp_path)
+  image = os.path.join(workdir, 'phantom', 'image.zarr')
+  store = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': image}}).result()
+  voxel = store[20, 18, 22].read().result()
+  store[20, 18, 22].write(voxel + 1).result()  # one voxel of the scan changed, same path
+  proc = run_cli(*CMD, '--mode=train', f'--workdir={workdir}')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'different config or other data' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_a_damaged_checkpoint_of_another_run_is_only_read(smoke_run, tmp_path):
+  other = _copy_of(smoke_run, tmp_path, 'other')
+  newest = _steps(other)[-1]
+  _truncate_arrays(os.path.join(other, 'checkpoints', str(newest)))
+  proc = run_cli(
+    *CMD, '--mode=segment', f'--config.segment.checkpoint={other}', f'--workdir={tmp_path / "w"}'
+  )
+  # The finished model is the damaged one: segmenting with a half-trained one is refused.
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f'checkpoint {newest} in' in proc.stderr and 'unfinished training' in proc.stderr
+  assert _steps(other)[-1] == newest  # another run's folder is not changed
+  assert not os.path.exists(os.path.join(other, checkpoint.DAMAGED_DIR))
+
+
 def test_a_damaged_latest_checkpoint_falls_back_and_gives_the_uninterrupted_result(
   smoke_run, tmp_path
 ):
