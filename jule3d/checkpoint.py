@@ -260,6 +260,7 @@ def newest_intact(
   directory = str(mgr.directory)
   mgr.reload()
   steps = sorted(mgr.all_steps(), reverse=True)
+  _silence_late_read_errors()  # before the first attempt: the late reports can come at any time
   damaged = []  # (step, why), logged once an intact one is found, else named in the error
   for step in steps:
     try:
@@ -267,7 +268,6 @@ def newest_intact(
     except UserError:
       raise
     except Exception as e:  # orbax and tensorstore raise plain Exception for unreadable files
-      _silence_late_read_errors()
       damaged.append((step, _reason(e)))
       continue
     if damaged:
@@ -278,7 +278,7 @@ def newest_intact(
         'using checkpoint %d instead; the damaged one%s %s',
         step,
         's' if len(damaged) > 1 else '',
-        f'moved to {where}' if where else "left in place (another run's folder)",
+        f'moved to {where}' if where else 'left in place (only read here)',
       )
     return step, value
   if not steps:
@@ -298,7 +298,9 @@ def _silence_late_read_errors() -> None:
   # When one array of a checkpoint cannot be read, orbax stops the restore and closes its event
   # loop while the reads of the other arrays are still in flight; they then end in "Event loop is
   # closed" (sys.unraisablehook) and "Task exception was never retrieved" (the asyncio logger): a
-  # page of tracebacks about the damage already reported in one line. Only those are dropped.
+  # page of tracebacks about the damage already reported in one line. Only those two reports are
+  # dropped (asyncio serves only orbax's and tensorstore's I/O here), from the first restore on:
+  # they are logged when the abandoned tasks are collected, which may be before orbax raises.
   global _silenced
   if _silenced:
     return
