@@ -308,9 +308,11 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
   n_s = c.patches.num_patches
   m = sharding.mesh()
   mgr, resume = _open_run(inputs, workdir, fp, overwrite, state, m)
-  if resume is not None and resume[1][2].get('done'):
-    logging.info('training already complete in %s (checkpoint %d)', workdir, resume[0])
-    return resume[1][2]['history']
+  if resume is not None:
+    step, (state, saved, meta) = resume
+    if meta.get('done'):
+      logging.info('training already complete in %s (checkpoint %d)', workdir, step)
+      return meta['history']
 
   partial = None  # progress inside the current period: {'start', 'merges', 'epochs_done', ...}
   initial = None  # period-0 features, when the no-learning reference has already computed them
@@ -334,7 +336,6 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
   else:
-    step, (state, saved, meta) = resume
     data = load_training_data(inputs, centres=saved['centres'], m=m)
     labels = saved['labels']
     period = int(meta['period'])

@@ -50,7 +50,6 @@ context manager (outputs streamed slab by slab), `write_nifti`, `write_itk` (.nr
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
@@ -60,6 +59,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -1462,7 +1462,11 @@ _IDENTITY_BOXES = 8  # per axis: 512 boxes
 _IDENTITY_EDGE = 16
 
 
-@functools.lru_cache(maxsize=16)
+# Digests of the volumes opened in this process, dropped with each volume (a strong cache would keep
+# every volume's tensorstore chunk cache alive).
+_IDENTITIES: 'weakref.WeakKeyDictionary[Volume, str]' = weakref.WeakKeyDictionary()
+
+
 def identity(vol: Volume) -> str:
   """What the volume IS, independent of where it lies: a digest of its content and geometry.
 
@@ -1473,11 +1477,17 @@ def identity(vol: Volume) -> str:
   training fingerprint, the cached working and specimen copies, the stored baselines).
 
   Args:
-    vol: an opened volume (the object is remembered: the digest is computed once per volume).
+    vol: an opened volume (the digest is computed once per Volume object).
 
   Returns:
     A hex digest (16 characters).
   """
+  if vol not in _IDENTITIES:
+    _IDENTITIES[vol] = _digest(vol)
+  return _IDENTITIES[vol]
+
+
+def _digest(vol: Volume) -> str:
   h = hashlib.sha256()
   affine = None if vol.affine is None else np.asarray(vol.affine, np.float64).round(9).tolist()
   spacing = [round(float(v), 9) for v in vol.spacing]

@@ -37,8 +37,8 @@ def _copy_of(smoke_run: str, tmp_path, name: str = 'copy') -> str:
   """A copy of the finished smoke run in another folder, its outputs removed."""
   workdir = str(tmp_path / name)
   shutil.copytree(smoke_run, workdir, symlinks=True)
-  for name in ('segmentation.zarr', 'segmentation.nii.gz', 'segmentation.nrrd', 'report.json'):
-    path = os.path.join(workdir, name)
+  for output in ('segmentation.zarr', 'segmentation.nii.gz', 'segmentation.nrrd', 'report.json'):
+    path = os.path.join(workdir, output)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   return workdir
 
@@ -196,7 +196,6 @@ def test_identity_names_the_content_not_the_path(tmp_path, monkeypatch):
   assert checkpoint.fingerprint(config, changed) != checkpoint.fingerprint(config, a)
   # Beyond the whole-volume size only boxes are hashed: a change inside one is seen, geometry too.
   monkeypatch.setattr(volume, '_IDENTITY_WHOLE_VOXELS', 1000)
-  volume.identity.cache_clear()
   assert ident(first) != a  # hashed another way
   assert ident(first) == ident(moved)
   assert ident(str(tmp_path / 'a' / 'other.npy')) != ident(first)  # the last voxel is in a box
