@@ -23,13 +23,20 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $(STAMP)
 
-venv: $(STAMP)
+# The oneDNN convolution extension (jule3d/onednn.py), compiled into the virtualenv when its source
+# changes; a failed build prints one line and conv_impl 'auto' keeps im2col.
+BUILD_STAMP := $(VENV)/jule3d-build/.built
+$(BUILD_STAMP): $(STAMP) jule3d/csrc/onednn_conv.cc jule3d/onednn.py
+	@$(PY) -m jule3d.onednn
+	@mkdir -p $(@D) && touch $@
+
+venv: $(STAMP) $(BUILD_STAMP)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint ants
+test: venv lint ants
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # ANTsPy (the Atropos baseline) in its own virtualenv: its wheels pin an older numpy/scipy. Optional:
@@ -52,11 +59,11 @@ $(MNI_STAMP): requirements-mni152.txt $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-mni152.txt
 	@touch $(MNI_STAMP)
 
-mni152: $(MNI_STAMP) ants
+mni152: $(MNI_STAMP) $(BUILD_STAMP) ants
 	$(PY) launch.py --config=configs/mni152.py --workdir=runs/mni152 $(ARGS)
 
 # The segmentation-quality table (bench/quality.py): phantoms and MNI152, three seeds, the ablations.
-quality: $(MNI_STAMP) ants
+quality: $(MNI_STAMP) $(BUILD_STAMP) ants
 	$(PY) bench/quality.py --write $(ARGS)
 
 # PyTorch only for the comparison benchmark: its own virtualenv, never the project's .venv.

@@ -136,12 +136,24 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _int_at_least(c, 'model.hidden_dim', 1)
   _int_at_least(c, 'model.embed_dim', 1)
   _require(
-    m.conv_impl in ('auto', 'xla', 'im2col'),
+    m.conv_impl in ('auto', 'xla', 'im2col', 'onednn'),
     'model.conv_impl',
     m.conv_impl,
-    "'auto', 'xla' or 'im2col'",
+    "'auto', 'xla', 'im2col' or 'onednn'",
   )
   _require(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, "'float32' or 'bfloat16'")
+  if m.conv_impl == 'onednn':
+    from jule3d import onednn
+
+    _require(
+      m.dtype == 'float32', 'model.conv_impl', m.conv_impl, "'auto' with model.dtype bfloat16"
+    )
+    _require(
+      onednn.available(),
+      'model.conv_impl',
+      m.conv_impl,
+      "'auto' or 'im2col': the oneDNN extension is not built here (see the warning above)",
+    )
 
   cl = c.cluster
   num_c = _int_at_least(c, 'cluster.num_clusters', 1)

@@ -89,7 +89,7 @@ def _net_of(net: model.JuleCNN, patch_size: int) -> _Net:
     hidden_dim=int(net.hidden_dim),
     embed_dim=int(net.embed_dim),
     bn_epsilon=float(net.bn_epsilon),
-    impl=model.resolve_conv_impl(str(net.conv_impl)),
+    impl=model.resolve_conv_impl(str(net.conv_impl), str(net.dtype)),
     dtype=str(net.dtype),
     patch_size=int(patch_size),
   )
@@ -188,7 +188,7 @@ def _block_features(block: _Block, variables, x: jax.Array, mean, std) -> jax.Ar
   p = n.pool_size
   _, e2, _, e4 = n.edges()
   cdt = jnp.bfloat16 if n.dtype == 'bfloat16' else jnp.float32
-  conv = model.im2col_conv3d if n.impl == 'im2col' else model.xla_conv3d
+  conv = model.conv3d_fn(n.impl)
   params, stats = variables['params'], variables['batch_stats']
 
   def layer(h, i):

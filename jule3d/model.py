@@ -6,7 +6,10 @@ the `flax.linen.Conv` layout), so a checkpoint trained with one runs with the ot
   'im2col'  gather every k^3 window into a column matrix, then one matmul. XLA's CPU conv3d runs at
             ~4-18 GFLOP/s here, while its matmul runs at 100+ (STACK_NOTES); the gather costs memory
             (~0.6 GB per 100 paper patches for conv1) but wins on CPU.
-  'auto'    im2col when the default backend is the CPU, xla otherwise (decided at trace time).
+  'onednn'  oneDNN's direct convolution, forward and both gradients, through XLA's FFI
+            (jule3d/onednn.py): float32 on the CPU, no materialised columns.
+  'auto'    on the CPU backend oneDNN where the extension is built and the dtype is float32, else
+            im2col; xla on GPU/TPU (decided at trace time).
 With dtype 'bfloat16' activations and kernels are cast to bfloat16 for the convolutions and dense
 layers, which accumulate and return float32; parameters, BatchNorm and the output stay float32.
 """
@@ -26,20 +29,42 @@ _NORM_EPS = 1e-10  # SPEC 2: x / (||x|| + 1e-10).
 _CONV_DIMS = ('NDHWC', 'DHWIO', 'NDHWC')
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
+def resolve_conv_impl(conv_impl: str, dtype: str = 'float32') -> str:
   """The convolution formulation actually used for a config value.
 
   Args:
-    conv_impl: 'auto', 'xla' or 'im2col'.
+    conv_impl: 'auto', 'xla', 'im2col' or 'onednn'.
+    dtype: the model's compute dtype ('float32' or 'bfloat16').
 
   Returns:
-    'xla' or 'im2col' ('auto' -> im2col on the CPU backend, xla on GPU/TPU).
+    'xla', 'im2col' or 'onednn' ('auto': see the module docstring).
+
+  Raises:
+    ValueError: an unknown value, or 'onednn' where it cannot run (not built, bfloat16, no CPU).
   """
+  from jule3d import onednn
+
   if conv_impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
-  if conv_impl not in ('xla', 'im2col'):
-    raise ValueError(f"conv_impl must be 'auto', 'xla' or 'im2col', got {conv_impl!r}")
+    if jax.default_backend() != 'cpu':
+      return 'xla'
+    return 'onednn' if dtype == 'float32' and onednn.available() else 'im2col'
+  if conv_impl not in ('xla', 'im2col', 'onednn'):
+    raise ValueError(f"conv_impl must be 'auto', 'xla', 'im2col' or 'onednn', got {conv_impl!r}")
+  if conv_impl == 'onednn' and (dtype != 'float32' or not onednn.available()):
+    raise ValueError(
+      "conv_impl 'onednn' needs dtype float32 and the built extension (jule3d/onednn.py); "
+      "use 'auto' to fall back to im2col"
+    )
   return conv_impl
+
+
+def conv3d_fn(impl: str) -> Callable[..., jax.Array]:
+  """The convolution of a resolved impl: (x, kernel, compute_dtype) -> VALID stride-1 output."""
+  if impl == 'onednn':
+    from jule3d import onednn
+
+    return onednn.conv3d
+  return im2col_conv3d if impl == 'im2col' else xla_conv3d
 
 
 def _window_index(shape: tuple[int, int, int], kernel: int) -> np.ndarray:
@@ -148,7 +173,7 @@ class Conv3D(nn.Module):
   features: int
   kernel_size: int
   init_std: float
-  impl: str  # 'xla' or 'im2col' (already resolved).
+  impl: str  # 'xla', 'im2col' or 'onednn' (already resolved).
   compute_dtype: Any = jnp.float32
 
   @nn.compact
@@ -161,8 +186,7 @@ class Conv3D(nn.Module):
       jnp.float32,
     )
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-    conv = im2col_conv3d if self.impl == 'im2col' else xla_conv3d
-    return conv(x, kernel, self.compute_dtype) + bias
+    return conv3d_fn(self.impl)(x, kernel, self.compute_dtype) + bias
 
 
 class Dense(nn.Module):
@@ -247,7 +271,7 @@ class JuleCNN(nn.Module):
     Returns:
       [B, embed_dim] float32 embeddings, rows of norm ~1 (0 for an all-zero pre-normalised row).
     """
-    impl = resolve_conv_impl(self.conv_impl)
+    impl = resolve_conv_impl(self.conv_impl, self.dtype)
     cdt = jnp.bfloat16 if self.dtype == 'bfloat16' else jnp.float32
     x = jnp.asarray(x, jnp.float32)
     if x.ndim == 4:

@@ -191,8 +191,12 @@ def test_batchnorm_mask_ignores_padding():
 
 
 def test_auto_impl_follows_backend():
-  expected = 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+  from jule3d import onednn
+
+  cpu = 'onednn' if onednn.available() else 'im2col'
+  expected = cpu if jax.default_backend() == 'cpu' else 'xla'
   assert model_lib.resolve_conv_impl('auto') == expected
+  assert model_lib.resolve_conv_impl('auto', 'bfloat16') in ('im2col', 'xla')
   assert model_lib.resolve_conv_impl('xla') == 'xla'
   with pytest.raises(ValueError, match='conv_impl'):
     model_lib.resolve_conv_impl('cudnn')
