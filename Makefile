@@ -8,7 +8,8 @@ STAMP := $(VENV)/.requirements-installed
 WORKDIR ?= runs/demo
 
 # XLA's CPU runtime allocates heavily; glibc's hugetlb tunable (no install needed) and, where the
-# Debian package libtcmalloc-minimal4 is installed, tcmalloc make the CNN markedly faster (STACK_NOTES).
+# Debian package libtcmalloc-minimal4 is installed, the CNN runs with tcmalloc (its large
+# temporary buffers are cheaper to allocate).
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 ifneq ($(TCMALLOC),)

@@ -145,7 +145,7 @@ def measured() -> dict:
 
 
 def schedule(n_start: int, c: int, eta: float) -> list[int]:
-  """Cluster counts at the end of each period (SPEC 3: min(ceil(eta Nc), Nc - C) merges)."""
+  """Cluster counts at the end of each period (method §3: min(ceil(eta Nc), Nc - C) merges)."""
   counts, nc = [], n_start
   while nc > c:
     nc -= min(math.ceil(eta * nc), nc - c)

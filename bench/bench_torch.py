@@ -2,7 +2,7 @@
 
 Both sides run batch 100 of 27^3 patches on all cores (XLA's CPU runtime uses every core by default;
 torch.set_num_threads(os.cpu_count())). Inference = eval-mode forward (jule3d `make_embed_fn`, torch
-`inference_mode`); training = one full step: forward, in-batch triplets (SPEC 4: every same-cluster
+`inference_mode`); training = one full step: forward, in-batch triplets (method §4: each same-cluster
 pair, min(num_neg, clusters - 1) random negatives each, the same sampling and count on both sides),
 the gamma/margin triplet loss, backward, SGD momentum 0.9 with weight decay 5e-5. The float32 matmul
 rate is measured in the same run, with both libraries (the practical roofline is the faster one).
@@ -18,7 +18,7 @@ are the best of --repeats rounds.
   .venv/bin/python bench/bench_torch.py --layers   # adds per-stage forward and training tables
   .venv/bin/python bench/bench_torch.py --impls im2col   # only one jule3d convolution
 
-Targets (issue 14): the first --impls entry (the one conv_impl 'auto' picks here) at >= 1.0x PyTorch
+Targets: the first --impls entry (the one conv_impl 'auto' picks here) at >= 1.0x PyTorch
 in training and >= 1.2x in inference (stretch: 1.5x and 2x).
 """
 
@@ -91,7 +91,7 @@ def _torch_worker() -> None:
       nn.ReLU(),
       nn.Linear(hidden, emb),
     )
-    # SPEC 2 initialisation, as jule3d: weights N(0, 0.01^2), biases 0, BN scale U(0, 1).
+    # method §2 initialisation, as jule3d: weights N(0, 0.01^2), biases 0, BN scale U(0, 1).
     for m in net.modules():
       if isinstance(m, (nn.Conv3d, nn.Linear)):
         nn.init.normal_(m.weight, std=cmd['init_std'])

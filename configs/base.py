@@ -1,4 +1,6 @@
-"""Paper defaults (Moriya et al., SPIE MI 2018; JULE, CVPR 2016). Every number of SPEC.md lives here.
+"""Paper defaults (Moriya et al., SPIE MI 2018; JULE, CVPR 2016).
+
+Every number of docs/method.md lives here (the code cites its sections as "method §N").
 
 Experiment configs import this module and change only what differs. This file is not meant to be
 run by itself: it has no volume path. See configs/lung_c.py for the paper run and configs/demo.py
@@ -13,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # One seed drives sampling, init, batching and k-means: same seed -> same labels.
 
-  # --- Input volume (SPEC 1) --------------------------------------------------------------
+  # --- Input volume (method §1) -------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   # Volume: zarr/N5 dir, tensorstore JSON spec, .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, a folder of
   # one DICOM series, .tif/.tiff, TIFF folder, .npy.
@@ -46,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_anisotropy = 1.5
   c.data.resample_spacing = 0.0
 
-  # --- Patches (SPEC 1) -------------------------------------------------------------------
+  # --- Patches (method §1) ------------------------------------------------------------------------
   c.patches = ml_collections.ConfigDict()
   c.patches.patch_size = 27  # w: patch edge in voxels (odd, so a patch has a centre voxel).
   c.patches.num_patches = 10_000  # n_s: random training patches with a foreground centre.
@@ -58,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the threshold) or 'specimen' (also the air the specimen encloses: a region segmentation).
   c.patches.domain = 'foreground'
 
-  # --- CNN (SPEC 2) -------------------------------------------------------------------------
+  # --- CNN (method §2) ----------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.conv_features = (50, 50, 50)  # Channels of the three 3D convolutions.
   c.model.kernel_size = 5  # Edge of every convolution kernel (VALID padding, stride 1).
@@ -73,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.conv_impl = 'auto'
   c.model.dtype = 'float32'  # Activation/weight compute dtype: 'float32' or 'bfloat16'.
 
-  # --- Forward pass: GDL agglomerative clustering (SPEC 3) ------------------------------------
+  # --- Forward pass: GDL agglomerative clustering (method §3) -------------------------------------
   c.cluster = ml_collections.ConfigDict()
   c.cluster.num_clusters = 100  # C (n*): JULE stops merging at this many clusters.
   c.cluster.k_s = 20  # K_s: neighbours in the kNN graph.
@@ -85,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'windowed' (Gaussian-windowed voxels, magnitude kept) or 'texture' (level + local energy).
   c.cluster.initial_features = 'raw'
 
-  # --- Backward pass: representation learning (SPEC 4) ----------------------------------------
+  # --- Backward pass: representation learning (method §4) -----------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.epochs_per_period = 20  # CNN epochs after each period's merges.
   c.train.final_period = True  # Moriya: one more training period on the final C labels.
@@ -104,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.dampened_momentum = False  # Released-Torch variant: v = 0.9 v + 0.1 g.
   c.train.keep_checkpoints = 3  # Checkpoints kept under WORKDIR/checkpoints (older ones pruned).
 
-  # --- Phase 2: segmentation (SPEC 5) ---------------------------------------------------------
+  # --- Phase 2: segmentation (method §5) ----------------------------------------------------------
   c.segment = ml_collections.ConfigDict()
   c.segment.stride = 5  # s: grid spacing of patch centres; each label fills the s^3 block.
   c.segment.num_segments = 3  # K: k-means clusters (segment labels 1..K, 0 = not covered).
@@ -130,13 +132,13 @@ def get_config() -> ml_collections.ConfigDict:
   # blocks of the dense path.
   c.segment.part_planes = 0
 
-  # --- Several processes (multi-host; README "GPUs, TPUs and several devices") ------------------
+  # --- Several processes (multi-host; README "GPUs, TPUs and several devices") --------------------
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator = ''  # 'host:port' of process 0, 'auto' (SLURM, TPU pods), '' = one.
   c.distributed.num_processes = 1  # Processes in the run (one per host, usually).
   c.distributed.process_id = 0  # This process: 0 .. num_processes - 1 (0 writes the outputs).
 
-  # --- Evaluation (SPEC 6) --------------------------------------------------------------------
+  # --- Evaluation (method §6) ---------------------------------------------------------------------
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.kmeans_max_fit = 200_000  # Intensity k-means baseline fit on this many voxels.
   c.evaluate.figures = True  # Write PNG slice figures into the report.

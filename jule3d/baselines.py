@@ -1,4 +1,4 @@
-"""Intensity baselines (SPEC 6): k-means on voxel intensity and multi-threshold Otsu, K classes.
+"""Intensity baselines (method §6): k-means on voxel intensity and multi-threshold Otsu, K classes.
 
 Both are fit on foreground voxels only and both are, in one dimension, a set of K-1 intensity
 thresholds (k-means: the midpoints between sorted centres, i.e. nearest-centre assignment), so their

@@ -34,7 +34,7 @@ def _int_at_least(c: ml_collections.ConfigDict, field: str, low: int) -> int:
 
 
 def conv_output_size(patch_size: int, kernel_size: int, pool_size: int) -> int:
-  """Edge of the last conv layer's output for the SPEC 2 layout (conv, pool, conv, conv; VALID).
+  """Edge of the last conv layer's output for the method §2 layout (conv, pool, conv, conv; VALID).
 
   Args:
     patch_size: input patch edge.

@@ -1,4 +1,4 @@
-"""Dense grid features (SPEC 5): the CNN slid over the volume, every convolution computed once.
+"""Dense grid features (method §5): the CNN slid over the volume, every convolution computed once.
 
 Neighbouring grid patches overlap almost entirely, so embedding them one by one repeats most of
 the convolution work. Here the network runs fully convolutionally over blocks of the volume and

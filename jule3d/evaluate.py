@@ -1,4 +1,4 @@
-"""Phase-2 evaluation (SPEC 6): NMI and matched Dice against reference labels, and the report.
+"""Phase-2 evaluation (method §6): NMI and matched Dice against reference labels, and the report.
 
 Every score is computed from one contingency table between the reference and a prediction, built
 slab by slab along axis 0 (never a whole volume in memory) over the ANNOTATED voxels only

@@ -1,4 +1,4 @@
-"""JULE's forward pass (SPEC 3): kNN graph, graph-degree-linkage affinities, the jitted merge loop.
+"""JULE's forward pass (method §3): kNN graph, graph-degree-linkage affinities, jitted merge loop.
 
 Clusters live in `slots`: the input labels 0..Nc-1, padded to a static size P (a few buckets, so
 periods of different sizes share compilations). A merge of slots i and j keeps the lower slot.

@@ -1,11 +1,11 @@
-"""The 3D JULE CNN (SPEC 2): three VALID 3D convolutions, two dense layers, an L2-normalised output.
+"""The 3D JULE CNN (method §2): three VALID 3D convolutions, two dense layers, L2-normalised output.
 
 Two formulations of the 3D convolution share one parameter tree (`kernel` [k,k,k,in,out] and `bias`,
 the `flax.linen.Conv` layout), so a checkpoint trained with one runs with the other:
   'xla'     `lax.conv_general_dilated`: cuDNN on GPU, the native convolution on TPU.
-  'im2col'  gather every k^3 window into a column matrix, then one matmul. XLA's CPU conv3d runs at
-            ~4-18 GFLOP/s here, while its matmul runs at 100+ (STACK_NOTES); the gather costs memory
-            (~0.6 GB per 100 paper patches for conv1) but wins on CPU.
+  'im2col'  gather every k^3 window into a column matrix, then one matmul. XLA's CPU conv3d ran at
+            14-17 GFLOP/s and its matmul at 269 (BENCHMARKS.md, "CNN throughput"); the gather
+            costs memory (~0.6 GB per 100 paper patches for conv1) but wins on CPU.
   'onednn'  oneDNN's direct convolution, forward and both gradients, through XLA's FFI
             (jule3d/onednn.py): float32 on the CPU, no materialised columns.
   'auto'    on the CPU backend oneDNN where the extension is built and the dtype is float32, else
@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-_NORM_EPS = 1e-10  # SPEC 2: x / (||x|| + 1e-10).
+_NORM_EPS = 1e-10  # method §2: x / (||x|| + 1e-10).
 _CONV_DIMS = ('NDHWC', 'DHWIO', 'NDHWC')
 
 
@@ -241,7 +241,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class JuleCNN(nn.Module):
-  """SPEC 2 network: Conv-BN-ReLU-Pool, 2 x Conv-BN-ReLU, Dense-ReLU, Dense, L2 normalisation.
+  """The network of method §2: Conv-BN-ReLU-Pool, 2 x Conv-BN-ReLU, Dense-ReLU, Dense, L2 norm.
 
   Attributes mirror `config.model` (see configs/base.py).
   """
@@ -326,7 +326,7 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> JuleCNN:
 
 
 def init_variables(model: JuleCNN, rng: jax.Array, patch_size: int) -> dict[str, Any]:
-  """Initial parameters (SPEC 2 distributions) and BatchNorm running statistics (mean 0, var 1).
+  """Initial parameters (method §2 distributions) and BatchNorm running statistics (mean 0, var 1).
 
   Same distributions as `model.init` (kernels N(0, init_std^2), biases 0, BN scale U(0, 1), BN
   offset 0) but drawn with one normal and one uniform call for the whole tree: XLA:CPU spends

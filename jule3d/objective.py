@@ -1,4 +1,4 @@
-"""Backward pass of JULE (SPEC 4): in-batch triplets, the weighted triplet loss, SGD, train_step.
+"""Backward pass of JULE (method §4): in-batch triplets, the weighted triplet loss, SGD, train_step.
 
 Static shapes throughout: a batch of B samples always yields B(B-1)/2 * K triplet slots (K = the
 static negatives-per-pair cap) with a validity mask, so one compiled train_step serves every batch,
@@ -122,7 +122,7 @@ def neg_slots(batch_size: int, num_neg: int) -> int:
 def triplets(
   labels: jax.Array, num_neg: int, rng: jax.Array, valid: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """All in-batch triplets of SPEC 4, padded to a static count with a validity mask.
+  """All in-batch triplets of method §4, padded to a static count with a validity mask.
 
   For every unordered pair (m < n) of valid samples with labels[m] == labels[n] (anchor m, positive
   n), num_neg_eff = min(num_neg, clusters_in_batch - 1) negatives are drawn without replacement,

@@ -1,4 +1,4 @@
-"""Patch geometry (SPEC 1 and 5): foreground centres, training samples, the stride grid, batched reads.
+"""Patch geometry (method §1, §5): foreground centres, training samples, stride grid, batched reads.
 
 Coordinates are voxel indices along the volume's array axes (axis 0 first). A patch of odd edge `w`
 centred on `c` covers `[c - w//2, c + w//2]` on each axis; it lies inside the volume when
@@ -227,7 +227,7 @@ def grid_centres(
   slab_depth: int = 64,
   interior=None,
 ) -> np.ndarray:
-  """The stride-s grid of segmentation centres (SPEC 5): foreground centres with the patch inside.
+  """The stride-s grid of segmentation centres (method §5): foreground centres, patch inside.
 
   Args:
     volume: a jule3d.volume.Volume.
@@ -375,7 +375,7 @@ def stats_from_sums(sums: np.ndarray) -> tuple[float, float]:
 
 
 def patch_stats(patches: np.ndarray, chunk: int = 512) -> tuple[float, float]:
-  """Mean and std over all voxels of all training patches (SPEC 1 normalisation), float64 sums.
+  """Mean and std over all voxels of all training patches (method §1 normalisation), float64 sums.
 
   Args:
     patches: [N, w, w, w] array.

@@ -1,6 +1,6 @@
 """Synthetic micro-CT lung specimen with ground truth: the built-in demo and test data.
 
-The paper's volumes (SPEC 1, 6) are micro-CT scans of lung specimens holding invasive carcinoma,
+The paper's volumes (method §1, §6) are micro-CT scans of lung specimens holding invasive carcinoma,
 non-invasive carcinoma and normal tissue. This phantom imitates them in the way that matters for
 the method: the three classes differ in TEXTURE, not in intensity.
 
@@ -302,7 +302,7 @@ def separability(
   """NMI of 3-means on foreground intensity and on `texture_feature`, vs the labels.
 
   Scored on labelled foreground voxels (a seeded subsample of at most `max_voxels`), with
-  sklearn's geometric-mean NMI as in SPEC 6.
+  sklearn's geometric-mean NMI as in method §6.
 
   Args:
     image: 3D image.

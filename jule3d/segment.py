@@ -1,4 +1,4 @@
-"""Phase 2 (SPEC 5): grid patches -> CNN features (restored checkpoint) -> k-means -> s^3 blocks.
+"""Phase 2 (method §5): grid patches -> CNN features (restored checkpoint) -> k-means -> s^3 blocks.
 
 The model, its normalisation statistics and its patch size come from the checkpoint, so a model
 trained on one volume segments another (`config.segment.checkpoint` = that run's workdir). Patches
@@ -309,7 +309,7 @@ def kmeans_labels(
 def paint_slab(
   z0: int, z1: int, shape, centres: np.ndarray, labels: np.ndarray, stride: int
 ) -> np.ndarray:
-  """The label slab [z0, z1) of the output: each centre's label fills its s^3 block (SPEC 5).
+  """The label slab [z0, z1) of the output: each centre's label fills its s^3 block (method §5).
 
   Args:
     z0: first plane.

@@ -9,7 +9,7 @@ phantom (seeds 0-2) with this mask: NMI 0.104/0.165/0.109 -> 0.157/0.219/0.228 a
 0.091/0.033/0.036 -> 0.173/0.186/0.253 at 128^3, where the plain method falls below the intensity
 baselines (0.07); with the ground-truth outside instead of this mask, 0.18-0.31.
 
-Which voxels are outside: not foreground (SPEC 1 threshold), and in or next to a coarse block
+Which voxels are outside: not foreground (method §1 threshold), and in or next to a coarse block
 (edge `block` voxels) of the background that is connected to the volume's faces. A block counts as
 specimen when any of its voxels is foreground, so holes narrower than a block that open onto the
 surface (alveoli cut by it) do not let the outside in; enclosed air (alveoli, airways) is never

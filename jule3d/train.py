@@ -1,4 +1,4 @@
-"""Phase 1, the recurrent JULE schedule (SPEC 3-4): merge, train, repeat; then one more training period.
+"""Phase 1, the recurrent JULE schedule (method §3-4): merge, train, repeat; then a last training.
 
 Period 0 clusters hand-made features of the normalised patches (config.cluster.initial_features,
 jule3d/descriptors.py; the paper's L2-normalised raw voxels by default), starting from the 1-NN

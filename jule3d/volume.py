@@ -1,4 +1,4 @@
-"""Volumes in and out (SPEC 1): open any supported format through tensorstore, convert once, write.
+"""Volumes in and out (method §1): open any supported format via tensorstore, convert once, write.
 
 `open_volume` accepts
   * a zarr v2 / zarr v3 / N5 array folder, or a tensorstore JSON spec (a `.json` file, or inline

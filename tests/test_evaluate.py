@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 6): NMI against sklearn, matched Dice, intensity baselines, the report."""
+"""Evaluation (method §6): NMI against sklearn, matched Dice, intensity baselines, the report."""
 
 import json
 import os

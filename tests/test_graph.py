@@ -1,4 +1,4 @@
-"""kNN graph, GDL affinities and the merge loop against plain numpy references (SPEC 3)."""
+"""kNN graph, GDL affinities and the merge loop against plain numpy references (method §3)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for jule3d.model: SPEC 2 geometry, init, both conv formulations, bf16, masked BatchNorm."""
+"""Tests for jule3d.model: method §2 geometry, init, conv formulations, bf16, masked BatchNorm."""
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ def test_paper_model_geometry_params_and_flops():
     out_elems = int(np.prod(shapes[name][1:]))
     expected += 2 * out_elems * int(np.prod(kernel[:-1]))
   assert model_lib.flops_per_patch(cfg, 27) == expected
-  assert abs(expected / 1e6 - 387.4) < 0.5  # STACK_NOTES: ~387 MFLOP per paper patch.
+  assert abs(expected / 1e6 - 387.4) < 0.5  # method §2: 387.4 MFLOP per paper patch.
 
 
 def test_init_statistics():

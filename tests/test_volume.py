@@ -1,4 +1,4 @@
-"""Opening, converting and writing volumes (SPEC 1): every format against numpy/nibabel/tifffile."""
+"""Opening, converting and writing volumes (method §1): each format against numpy, nibabel, tifffile."""
 
 import gzip
 import json
