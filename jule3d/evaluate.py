@@ -568,7 +568,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
       'shape': list(img.shape),
       'spacing': list(img.spacing),
       'affine': None if img.affine is None else np.asarray(img.affine).tolist(),
-      'geometry': getattr(img, 'geometry', None),  # where the spacing came from (volume.py)
+      'geometry': getattr(img, 'geometry', None),  # where the spacing came from (volume.geometry)
       'working_grid': _working_grid(inputs, img),
       'dtype': str(img.dtype),
       'labels': labels.path if labels is not None else None,

@@ -195,7 +195,7 @@ def test_identity_names_the_content_not_the_path(tmp_path, monkeypatch):
   assert changed != a
   assert checkpoint.fingerprint(config, changed) != checkpoint.fingerprint(config, a)
   # Beyond the whole-volume size only boxes are hashed: a change inside one is seen, geometry too.
-  monkeypatch.setattr(volume, '_IDENTITY_WHOLE_VOXELS', 1000)
+  monkeypatch.setattr(volume.integrity, '_IDENTITY_WHOLE_VOXELS', 1000)
   assert ident(first) != a  # hashed another way
   assert ident(first) == ident(moved)
   assert ident(str(tmp_path / 'a' / 'other.npy')) != ident(first)  # the last voxel is in a box

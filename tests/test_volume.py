@@ -43,7 +43,9 @@ def _leftovers(folder):
 
 def _warnings(monkeypatch):
   said = []
-  monkeypatch.setattr(volume.logging, 'warning', lambda msg, *args: said.append(msg % args))
+  monkeypatch.setattr(
+    volume.geometry.logging, 'warning', lambda msg, *args: said.append(msg % args)
+  )
   return said
 
 
@@ -237,8 +239,10 @@ def test_spacing_override_replaces_the_files_and_keeps_direction_and_origin(tmp_
 
 def test_conversion_is_cached_and_redone_when_the_source_changes(tmp_path, monkeypatch):
   calls = []
-  convert = volume._convert
-  monkeypatch.setattr(volume, '_convert', lambda *a, **k: calls.append(1) or convert(*a, **k))
+  convert = volume.convert._convert
+  monkeypatch.setattr(
+    volume.convert, '_convert', lambda *a, **k: calls.append(1) or convert(*a, **k)
+  )
   path = tmp_path / 'v.npy'
   a, b = _array(seed=1), _array(seed=2)
   np.save(path, a)
@@ -261,7 +265,7 @@ def test_conversion_is_cached_and_redone_when_the_source_changes(tmp_path, monke
 
 
 def test_default_cache_dir_is_reused(tmp_path, monkeypatch):
-  monkeypatch.setattr(volume.tempfile, 'gettempdir', lambda: str(tmp_path))
+  monkeypatch.setattr(volume.convert.tempfile, 'gettempdir', lambda: str(tmp_path))
   np.save(tmp_path / 'v.npy', _array())
   vol = volume.open_volume(str(tmp_path / 'v.npy'))
   [cache] = [p for p in tmp_path.iterdir() if p.name.startswith('jule3d-cache')]
@@ -426,7 +430,7 @@ def test_validate_volume_names_the_first_non_finite_slab(tmp_path, bad):
   vol = _open(tmp_path / 'v.npy', tmp_path)
   monkey_depth = 4  # several slabs even for this tiny volume
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(volume, '_SLAB_BYTES', monkey_depth * 4 * SHAPE[1] * SHAPE[2] * 4)
+    mp.setattr(volume.integrity, '_SLAB_BYTES', monkey_depth * 4 * SHAPE[1] * SHAPE[2] * 4)
     with pytest.raises(UserError) as info:
       volume.validate_volume(vol)
   message = str(info.value)
@@ -743,7 +747,7 @@ def test_detached_data_file_is_stamped_and_must_exist(tmp_path):
   out = tmp_path / 'v.nhdr'
   volume.write_itk(str(out), _array(), SCAN_SPACING, SCAN)
   [data] = [n for n in os.listdir(tmp_path) if n != 'v.nhdr']
-  source = volume._SOURCES['nrrd'](str(out), 'v')
+  source = volume.convert._SOURCES['nrrd'](str(out), 'v')
   assert source.files == (str(out), str(tmp_path / data))  # an edited data file is converted again
   os.rename(tmp_path / data, tmp_path / 'elsewhere')
   _raises(out, tmp_path, repr(data), 'data file')
