@@ -239,7 +239,7 @@ def _lattice_step(centres: np.ndarray, h: int, stride: int | None) -> int:
   if stride is None:
     return max(g, 1)
   if g % stride:
-    raise UserError(
+    raise ValueError(
       f'dense_grid_features: the centres are not on the stride-{stride} grid starting at '
       f'patch_size // 2 = {h} (as patches.grid_centres builds it).'
     )
@@ -248,17 +248,17 @@ def _lattice_step(centres: np.ndarray, h: int, stride: int | None) -> int:
 
 def _check(volume, centres: np.ndarray, patch_size: int, std: float) -> None:
   if centres.ndim != 2 or centres.shape[1] != 3:
-    raise UserError(f'dense_grid_features: centres must be an [M, 3] array, got {centres.shape}.')
+    raise ValueError(f'dense_grid_features: centres must be an [M, 3] array, got {centres.shape}.')
   if patch_size < 1 or patch_size % 2 == 0:
-    raise UserError(f'dense_grid_features: patch_size must be odd and >= 1, got {patch_size}.')
+    raise ValueError(f'dense_grid_features: patch_size must be odd and >= 1, got {patch_size}.')
   if not (np.isfinite(std) and std > 0):
-    raise UserError(f'dense_grid_features: the normalisation std must be > 0, got {std}.')
+    raise ValueError(f'dense_grid_features: the normalisation std must be > 0, got {std}.')
   if len(centres):
     h = patch_size // 2
     hi = np.asarray(volume.shape) - h
     bad = np.flatnonzero(np.any((centres < h) | (centres >= hi), axis=1))
     if bad.size:
-      raise UserError(
+      raise ValueError(
         f'dense_grid_features: centre {centres[bad[0]].tolist()} (row {bad[0]}) puts its '
         f'{patch_size}^3 patch outside the volume of shape {tuple(volume.shape)}.'
       )
@@ -327,8 +327,8 @@ def dense_grid_features(
     [M, embed_dim] float32, row i the feature of centres[i].
 
   Raises:
-    UserError: malformed centres, a centre whose patch leaves the volume, centres off the given
-      stride grid, or a non-positive std.
+    ValueError: malformed centres, a centre whose patch leaves the volume, centres off the given
+      stride grid, or a non-positive std: the caller's inconsistency, not the user's input.
   """
   centres = np.asarray(centres)
   _check(volume, centres, patch_size, std)

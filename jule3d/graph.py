@@ -443,21 +443,21 @@ def merge_period(
   lab = np.asarray(labels)
   n = x.shape[0]
   if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
-    raise UserError(f'merge_period: labels {lab.shape} {lab.dtype}; expected ({n},) integers.')
+    raise ValueError(f'merge_period: labels {lab.shape} {lab.dtype}; expected ({n},) integers.')
   nc = int(lab.max()) + 1 if n else 0
   if lab.min() < 0 or len(np.unique(lab)) != nc:
-    raise UserError('merge_period: labels must use every value 0..Nc-1 (see renumber()).')
+    raise ValueError('merge_period: labels must use every value 0..Nc-1 (see renumber()).')
   if not 0 <= num_merges <= nc - 1:
-    raise UserError(
+    raise ValueError(
       f'merge_period: num_merges = {num_merges} for {nc} clusters; expected 0..{nc - 1}.'
     )
   if int(k_c) < 1:
-    raise UserError(f'cluster.k_c = {k_c}: expected an integer >= 1.')
+    raise ValueError(f'cluster.k_c = {k_c}: expected an integer >= 1.')
   p = slot_bucket(nc, k_c) if num_slots is None else int(num_slots)
   if p < max(nc, int(k_c) + 1):
-    raise UserError(f'merge_period: num_slots = {p}; expected >= {max(nc, int(k_c) + 1)}.')
+    raise ValueError(f'merge_period: num_slots = {p}; expected >= {max(nc, int(k_c) + 1)}.')
   if not (chunks[0] >= 1 and 1 <= chunks[1] <= p):
-    raise UserError(f'merge_period: chunks = {chunks}; expected (>= 1, 1..{p}).')
+    raise ValueError(f'merge_period: chunks = {chunks}; expected (>= 1, 1..{p}).')
   out, log = _merge_loop(
     x,
     jnp.asarray(idx, jnp.int32),
@@ -547,7 +547,8 @@ def cluster_period(
     (n,) int32 labels 0..Nc'-1 in order of first appearance; with with_start, (labels, Nc).
 
   Raises:
-    UserError: bad arguments or degenerate features, before the graph is built.
+    UserError: a bad config.cluster value or degenerate features, before the graph is built.
+    ValueError: labels or merge arguments inconsistent with the features (a caller's bug).
   """
   _check_cluster_args(num_target, k_s, k_c, a, lam, unfolding_rate)
   x, idx, w = _graph(features, k_s, a)
@@ -556,7 +557,7 @@ def cluster_period(
   else:
     labels = np.asarray(labels)
     if labels.shape != (x.shape[0],):
-      raise UserError(f'cluster_period: labels {labels.shape}; expected ({x.shape[0]},).')
+      raise ValueError(f'cluster_period: labels {labels.shape}; expected ({x.shape[0]},).')
     labels = renumber(labels)
   start = int(labels.max()) + 1
   num_merges = merges_in_period(start, num_target, unfolding_rate)

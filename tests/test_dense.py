@@ -114,18 +114,21 @@ def test_demo_model_and_integer_volume():
   np.testing.assert_allclose(got, _per_patch(vol, centres, w, net, variables), rtol=0, atol=1e-4)
 
 
-def test_bad_inputs(tiny):
+def test_inconsistent_calls_are_a_bug_not_bad_input(tiny):
+  # The pipeline builds the centres and passes the stored std: a mismatch is a programming error,
+  # an ordinary ValueError (a traceback), never the one-line UserError of bad input.
   _, net, variables = tiny
   vol = _volume(_random((20, 20, 20)))
   args = (W, net, variables, MEAN, STD)
-  with pytest.raises(UserError, match='outside the volume'):
+  with pytest.raises(ValueError, match='outside the volume'):
     dense.dense_grid_features(vol, np.array([[7, 7, 13]]), *args)
-  with pytest.raises(UserError, match=r'\[M, 3\]'):
+  with pytest.raises(ValueError, match=r'\[M, 3\]'):
     dense.dense_grid_features(vol, np.array([7, 7, 7]), *args)
-  with pytest.raises(UserError, match='stride-2 grid'):
+  with pytest.raises(ValueError, match='stride-2 grid'):
     dense.dense_grid_features(vol, np.array([[7, 7, 8]]), *args, stride=2)
-  with pytest.raises(UserError, match='std'):
+  with pytest.raises(ValueError, match='std') as info:
     dense.dense_grid_features(vol, np.array([[7, 7, 7]]), W, net, variables, MEAN, 0.0)
+  assert not isinstance(info.value, UserError)
   assert dense.dense_grid_features(vol, np.zeros((0, 3), int), *args).shape == (0, 5)
 
 

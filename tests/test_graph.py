@@ -292,12 +292,20 @@ def test_agglomerate_reaches_target_and_equals_repeated_periods():
   np.testing.assert_array_equal(labels, final)
 
 
-def test_bad_arguments_raise_user_error():
+def test_inconsistent_arguments_are_a_bug_not_bad_input():
+  # A caller passing labels or a merge count that do not fit is a programming error: an ordinary
+  # ValueError (a traceback), never the one-line UserError reserved for the user's input.
   x, idx, w, lab = _problem(0)
-  with pytest.raises(UserError, match='num_merges'):
+  with pytest.raises(ValueError, match='num_merges') as info:
     graph.merge_period(x, idx, w, lab, lab.max() + 1, k_c=5, lam=1.0)
-  with pytest.raises(UserError, match='every value'):
+  assert not isinstance(info.value, UserError)
+  with pytest.raises(ValueError, match='every value') as info:
     graph.merge_period(x, idx, w, lab + 1, 1, k_c=5, lam=1.0)
+  assert not isinstance(info.value, UserError)
+
+
+def test_bad_config_values_raise_user_error():
+  x, _, _, _ = _problem(0)
   with pytest.raises(UserError, match='k_s'):
     graph.cluster_period(x, None, 3, k_s=N, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.9)
   with pytest.raises(UserError, match='unfolding_rate'):

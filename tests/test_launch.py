@@ -3,8 +3,10 @@
 The catalogue of bad inputs (one line, exit 2, no traceback, no files) is tests/test_bad_inputs.py.
 """
 
+import os
+
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 SMOKE = '--config=configs/smoke.py'
 
@@ -65,3 +67,23 @@ def test_a_threshold_string_other_than_otsu_is_one_line(tmp_path):
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert lines[-1].startswith("error: config.data.threshold = 'median'") and "'otsu'" in lines[-1]
   assert not (tmp_path / 'w').exists()
+
+
+# A bug inside the library (here: cluster labels that skip a value, as a broken renumbering would
+# leave them) must reach the user as a traceback, not be dressed up as a one-line input error.
+_BROKEN_RENUMBER = """
+import jule3d.graph as graph
+_real = graph.renumber
+graph.renumber = lambda labels: _real(labels) * 2
+"""
+
+
+def test_an_internal_bug_is_a_traceback_not_a_user_error(tmp_path, monkeypatch):
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(_BROKEN_RENUMBER)
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(site), ROOT]))
+  proc = run_cli(SMOKE, f'--workdir={tmp_path / "w"}', '--mode=train')
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Traceback' in proc.stderr and 'ValueError: merge_period' in proc.stderr
+  assert not proc.stderr.strip().splitlines()[-1].startswith('error:')
