@@ -29,10 +29,10 @@ from absl import logging
 
 from jule3d import interrupt
 from jule3d.errors import UserError
+from jule3d.workdir import CHECKPOINTS, DAMAGED_CHECKPOINTS
 
 T = TypeVar('T')
 
-CHECKPOINT_DIR = 'checkpoints'
 
 # Fields that change what a checkpoint means: resuming across a change in any of them would mix two
 # different runs. Segmentation/evaluation fields are free to change between runs.
@@ -75,8 +75,8 @@ def checkpoint_dir(path: str) -> str:
   Returns:
     The checkpoints directory path.
   """
-  sub = os.path.join(path, CHECKPOINT_DIR)
-  if os.path.isdir(sub) or os.path.basename(os.path.normpath(path)) != CHECKPOINT_DIR:
+  sub = os.path.join(path, CHECKPOINTS)
+  if os.path.isdir(sub) or os.path.basename(os.path.normpath(path)) != CHECKPOINTS:
     return sub
   return path
 
@@ -243,7 +243,7 @@ def newest_intact(
 
   A checkpoint that fails to restore (missing, truncated or garbled files, a wrong digest) is
   logged in one line naming its step and why. When an older one restores, the damaged newer ones
-  are moved (never deleted) to DAMAGED_DIR beside the checkpoints folder if `set_aside` (this
+  are moved (never deleted) to DAMAGED_CHECKPOINTS beside the checkpoints folder if `set_aside` (this
   run's own folder), or left where they are (another run's folder, opened read-only).
 
   Args:
@@ -290,7 +290,6 @@ def newest_intact(
   )
 
 
-DAMAGED_DIR = 'damaged_checkpoints'
 _silenced = False
 
 
@@ -321,7 +320,7 @@ def _silence_late_read_errors() -> None:
 
 def _set_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> str:
   directory = os.path.abspath(str(mgr.directory))
-  where = os.path.join(os.path.dirname(directory), DAMAGED_DIR)
+  where = os.path.join(os.path.dirname(directory), DAMAGED_CHECKPOINTS)
   os.makedirs(where, exist_ok=True)
   stamp = time.strftime('%Y%m%dT%H%M%S')
   for step in steps:

@@ -34,7 +34,6 @@ import ml_collections
 import numpy as np
 
 from jule3d import model
-from jule3d.errors import UserError
 
 _DEFAULT_MEMORY_MB = 384
 

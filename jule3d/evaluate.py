@@ -32,11 +32,8 @@ from scipy.optimize import linear_sum_assignment
 
 from jule3d import atropos, baselines, files, foreground, patches, report, volume
 from jule3d.errors import UserError
+from jule3d.workdir import BASELINES, HISTORY, REPORT_JSON, REPORT_MD, SEGMENTATION, TIMINGS
 
-SEGMENTATION = 'segmentation.zarr'  # written by jule3d/segment.py
-TIMINGS = 'timings.json'
-HISTORY = 'train_history.json'
-BASELINES_DIR = 'baselines'
 METHODS = ('jule3d', *baselines.NAMES, atropos.NAME)
 _PACKAGES = (
   'jax', 'jaxlib', 'flax', 'optax', 'tensorstore', 'orbax-checkpoint', 'numpy', 'scipy',
@@ -529,7 +526,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
         f'config.data.labels {labels.path!r} has no annotated voxel (all 0): expected '
         'class labels 1..n on at least one slice.'
       )
-  out_dir = os.path.join(workdir, BASELINES_DIR)
+  out_dir = os.path.join(workdir, BASELINES)
   computed = baselines.intensity_baselines(img, c, out_dir, overwrite=overwrite)
   computed[atropos.NAME] = atropos.atropos_baseline(img, c, out_dir, overwrite=overwrite)
   ready = {n: volume.open_volume(b['path'], name=n) for n, b in computed.items() if 'path' in b}
@@ -582,8 +579,8 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
     'versions': versions(),
     'train_history': history,
   }
-  files.write_json_atomic(os.path.join(workdir, 'report.json'), out)
-  files.write_text_atomic(os.path.join(workdir, 'report.md'), report.markdown(out))
+  files.write_json_atomic(os.path.join(workdir, REPORT_JSON), out)
+  files.write_text_atomic(os.path.join(workdir, REPORT_MD), report.markdown(out))
   files.write_json_atomic(os.path.join(workdir, TIMINGS), timings)
   cov = summary['coverage']['labelled_fraction']
   logging.info(
@@ -591,7 +588,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
     f'NMI {out["nmi"]}; ' if 'nmi' in out else 'no reference labels (no NMI); ',
     '-' if cov is None else f'{cov:.1%}',
     summary['coverage']['foreground_voxels'],
-    os.path.join(workdir, 'report.md'),
+    os.path.join(workdir, REPORT_MD),
   )
   return out
 

@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from typing import Any
 
+from jule3d.workdir import BASELINES, CACHE
+
 
 def write_text_atomic(path: str, text: str) -> None:
   """Writes `text` to a temporary file beside `path`, fsyncs it, then renames it over `path`.
@@ -49,7 +51,7 @@ _TEMPORARY = re.compile(r'^\..+(\.tmp|\.tmp-[0-9a-f]+|\.tmp\.npz)$')
 
 
 def remove_stale_temporaries(
-  folder: str, subfolders: tuple[str, ...] = ('cache', 'baselines')
+  folder: str, subfolders: tuple[str, ...] = (CACHE, BASELINES)
 ) -> list[str]:
   """Deletes temporaries a killed run left behind (never a file under a final name).
 

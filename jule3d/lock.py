@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from absl import logging
 
 from jule3d.errors import UserError
+from jule3d.workdir import LOCK
 
-LOCK = '.jule3d.lock'
 _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 

@@ -1,14 +1,6 @@
 """What launch.py calls: resolve the inputs once, then train -> segment -> evaluate.
 
-Workdir layout:
-  .jule3d.lock         held by the run using the workdir (jule3d/lock.py)
-  phantom/             the built-in phantom, when the config asks for it instead of a data.path
-  cache/               non-chunked inputs converted once to chunked zarr
-  checkpoints/         orbax checkpoints of phase 1 (see jule3d/checkpoint.py)
-  damaged_checkpoints/ checkpoints that could not be restored, set aside (never deleted)
-  train_history.json   one entry per JULE period
-  segmentation.zarr    uint8 labels, input shape and spacing; segmentation.nii.gz beside it
-  report.json, report.md, figures/
+What goes where in the workdir: jule3d/workdir.py.
 """
 
 import contextlib
@@ -25,6 +17,7 @@ from absl import logging
 
 from jule3d import checks, files, foreground, lock, patches, sharding, volume, working
 from jule3d.errors import UserError
+from jule3d.workdir import CACHE, MNI152, PHANTOM, REPORT_MD, TIMINGS
 
 MODES = ('all', 'train', 'segment', 'evaluate')
 # Free space a run needs besides its converted input and label volumes: checkpoints (the paper CNN
@@ -135,10 +128,10 @@ def _check_free_space(workdir: str, need: int) -> None:
 
 def _entries(workdir: str) -> set[str]:
   # What resolve_inputs may add, and nothing else (a run elsewhere in the workdir is not touched).
-  names = {n for n in ('phantom', 'mni152', 'cache') if os.path.lexists(os.path.join(workdir, n))}
-  cache = os.path.join(workdir, 'cache')
+  names = {n for n in (PHANTOM, MNI152, CACHE) if os.path.lexists(os.path.join(workdir, n))}
+  cache = os.path.join(workdir, CACHE)
   if os.path.isdir(cache):
-    names |= {os.path.join('cache', n) for n in os.listdir(cache)}
+    names |= {os.path.join(CACHE, n) for n in os.listdir(cache)}
   return names
 
 
@@ -153,14 +146,14 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
   if not config.data.path and config.data.builtin == 'mni152':
     from jule3d import datasets
 
-    paths = datasets.prepare_mni152(os.path.join(workdir, 'mni152'))
+    paths = datasets.prepare_mni152(os.path.join(workdir, MNI152))
     config.data.path = paths['image']
     config.data.labels = config.data.labels or paths['labels']
   elif not config.data.path:
     from jule3d import phantom
 
     paths = phantom.write_phantom(
-      os.path.join(workdir, 'phantom'),
+      os.path.join(workdir, PHANTOM),
       tuple(config.data.phantom_shape),
       config.data.phantom_seed,
       **({'spacing': tuple(config.data.spacing)} if config.data.spacing else {}),
@@ -168,7 +161,7 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     config.data.path = paths['image']
     if not config.data.labels:
       config.data.labels = paths['labels']
-  cache = os.path.join(workdir, 'cache')
+  cache = os.path.join(workdir, CACHE)
   d = config.data
   # The file's geometry is the truth: data.spacing only fills in a missing one (or replaces it with
   # data.spacing_override); the labels, of the same scan, are opened under the same rules.
@@ -345,12 +338,9 @@ def _run(config, workdir: str, mode: str, overwrite: bool, created: bool | None)
     from jule3d import evaluate
 
     report = evaluate.evaluate(inputs, workdir, overwrite=overwrite)
-    logging.info('report: %s', os.path.join(workdir, 'report.md'))
+    logging.info('report: %s', os.path.join(workdir, REPORT_MD))
     return report
   return None
-
-
-TIMINGS = 'timings.json'
 
 
 @contextlib.contextmanager

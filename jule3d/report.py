@@ -16,8 +16,8 @@ from absl import logging
 from scipy import ndimage
 
 from jule3d import volume
+from jule3d.workdir import FIGURES
 
-FIGURES_DIR = 'figures'
 _PANEL_IN = 3.2  # panel width, inches
 _DPI = 100
 TITLES = {
@@ -141,7 +141,7 @@ def write_figures(
   Returns:
     (figure name -> path relative to workdir, figure name -> first line of its error).
   """
-  folder = os.path.join(workdir, FIGURES_DIR)
+  folder = os.path.join(workdir, FIGURES)
   os.makedirs(folder, exist_ok=True)
   image = getattr(inputs, 'input_volume', None) or inputs.image
   jobs = {
@@ -153,7 +153,7 @@ def write_figures(
     jobs['training'] = lambda path: draw_training(path, history)
   done, errors = {}, {}
   for name, draw in jobs.items():
-    rel = f'{FIGURES_DIR}/{name}.png'
+    rel = f'{FIGURES}/{name}.png'
     try:
       draw(os.path.join(workdir, rel))
     except Exception as e:  # a figure is never worth the report

@@ -31,11 +31,8 @@ from jule3d import (
   working,
 )
 from jule3d.errors import UserError
+from jule3d.workdir import FEATURES, SEGMENTATION, SEGMENTATION_NIFTI, SEGMENTATION_NRRD
 
-SEGMENTATION = 'segmentation.zarr'
-SEGMENTATION_NIFTI = 'segmentation.nii.gz'
-SEGMENTATION_NRRD = 'segmentation.nrrd'  # 3D Slicer loads it as a labelmap
-FEATURES = 'features.npz'
 PROGRESS = '.segment_progress'  # feature parts of an unfinished segmentation
 # Fields that must agree between the config and the checkpoint's config for features to mean the
 # same thing.

@@ -47,8 +47,7 @@ from jule3d import (
   volume,
 )
 from jule3d.errors import UserError
-
-HISTORY_FILE = 'train_history.json'
+from jule3d.workdir import HISTORY
 
 
 @dataclasses.dataclass
@@ -460,7 +459,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     partial = None
     save(done)
     if sharding.is_primary():
-      files.write_json_atomic(os.path.join(workdir, HISTORY_FILE), history)
+      files.write_json_atomic(os.path.join(workdir, HISTORY), history)
     logging.info(
       'period %d done: %d -> %d clusters (%d merges), loss %.4f, NMI %s, %.1fs',
       entry['period'],

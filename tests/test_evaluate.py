@@ -269,7 +269,7 @@ def test_evaluate_end_to_end(tmp_path, annotate):
     assert f']({fig})' in md
   assert '**1.000**' in md  # the best NMI in bold
   for name in baselines.NAMES:
-    assert os.path.isdir(wd / evaluate.BASELINES_DIR / f'{name}.zarr')
+    assert os.path.isdir(wd / evaluate.BASELINES / f'{name}.zarr')
   assert not [n for n in os.listdir(wd) if '.tmp' in n]
 
 

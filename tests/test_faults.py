@@ -85,7 +85,7 @@ def test_a_damaged_checkpoint_of_another_run_is_only_read(smoke_run, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert f'checkpoint {newest} in' in proc.stderr and 'unfinished training' in proc.stderr
   assert _steps(other)[-1] == newest  # another run's folder is not changed
-  assert not os.path.exists(os.path.join(other, checkpoint.DAMAGED_DIR))
+  assert not os.path.exists(os.path.join(other, checkpoint.DAMAGED_CHECKPOINTS))
 
 
 def test_a_damaged_latest_checkpoint_falls_back_and_gives_the_uninterrupted_result(
@@ -98,7 +98,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_gives_the_uninterrupted_resu
   assert f'checkpoint {newest} in' in proc.stderr and 'cannot be restored' in proc.stderr
   assert 'Traceback' not in proc.stderr and 'Event loop is closed' not in proc.stderr
   # Set aside, not deleted; training ran again from the newest intact checkpoint.
-  aside = os.listdir(os.path.join(workdir, checkpoint.DAMAGED_DIR))
+  aside = os.listdir(os.path.join(workdir, checkpoint.DAMAGED_CHECKPOINTS))
   assert [n.split('-')[0] for n in aside] == [str(newest)]
   assert 'resuming from checkpoint' in proc.stderr
   np.testing.assert_array_equal(_labels(workdir), _labels(smoke_run))
@@ -227,7 +227,7 @@ def test_a_checkpoint_whose_arrays_fail_their_digest_is_set_aside(tmp_path):
   step, (_, _, restored) = checkpoint.newest_intact(mgr, load, set_aside=True)
   assert step == 1 and restored == {'period': 1}
   assert mgr.all_steps() == [1]
-  assert os.listdir(os.path.join(str(tmp_path), checkpoint.DAMAGED_DIR))[0].startswith('2-')
+  assert os.listdir(os.path.join(str(tmp_path), checkpoint.DAMAGED_CHECKPOINTS))[0].startswith('2-')
   with pytest.raises(checkpoint.NoIntactCheckpoint, match='none of the 1 checkpoints'):
     checkpoint.newest_intact(mgr, lambda s: 1 / 0, set_aside=True)
 

@@ -19,7 +19,7 @@ from jule3d.errors import UserError
 
 
 def _history(workdir):
-  with open(os.path.join(workdir, train.HISTORY_FILE)) as f:
+  with open(os.path.join(workdir, train.HISTORY)) as f:
     return json.load(f)
 
 
@@ -104,7 +104,7 @@ def _signal_at_first_checkpoint(workdir: str, signum: int) -> subprocess.Complet
   proc.send_signal(signum)
   _, stderr = proc.communicate()
   assert first_checkpoint(), 'training ended before the first checkpoint appeared'
-  assert not os.path.exists(os.path.join(workdir, train.HISTORY_FILE)), 'stopped after a period'
+  assert not os.path.exists(os.path.join(workdir, train.HISTORY)), 'stopped after a period'
   return subprocess.CompletedProcess(cmd, proc.returncode, '', stderr)
 
 
