@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import tifffile
-from conftest import run_cli
+from helpers import run_cli
 from sklearn.metrics import normalized_mutual_info_score
 
 SMOKE = '--config=configs/smoke.py'

@@ -12,7 +12,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 SHAPE = (512, 512, 48)
 SPACING = (0.57, 0.57, 5.0)

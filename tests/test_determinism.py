@@ -8,7 +8,7 @@ import json
 import os
 
 import numpy as np
-from conftest import run_cli
+from helpers import run_cli
 
 from jule3d import volume
 

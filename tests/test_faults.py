@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 from jule3d import checkpoint, lock, model, objective, volume
 from jule3d.errors import UserError

@@ -6,7 +6,7 @@ The catalogue of bad inputs (one line, exit 2, no traceback, no files) is tests/
 import os
 
 import pytest
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 SMOKE = '--config=configs/smoke.py'
 

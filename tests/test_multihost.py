@@ -14,7 +14,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import NO_SMOOTHING, ROOT, one_process_segmentation
+from helpers import NO_SMOOTHING, ROOT, one_process_segmentation
 
 from jule3d import volume
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from configs import smoke
 from jule3d import model as model_lib

@@ -5,7 +5,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from jule3d import segment, volume
 

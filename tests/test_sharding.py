@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import NO_SMOOTHING, ROOT, one_process_segmentation
+from helpers import NO_SMOOTHING, ROOT, one_process_segmentation
 
 from jule3d import volume
 
