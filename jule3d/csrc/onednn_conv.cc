@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -81,10 +82,12 @@ Primitives& Get(const Shape& s) {
   return *slot;
 }
 
-ffi::Error Check(const ffi::Span<const int64_t>& x, const ffi::Span<const int64_t>& w) {
+// The call's shape from x [N,D,H,W,C] and the kernel [k,k,k,C,F], or why they do not fit.
+ffi::Error ShapeOf(const ffi::Span<const int64_t>& x, const ffi::Span<const int64_t>& w, Shape* s) {
   if (x.size() != 5 || w.size() != 5 || w[0] != w[1] || w[0] != w[2] || x[4] != w[3] ||
       x[1] < w[0] || x[2] < w[0] || x[3] < w[0])
     return ffi::Error::InvalidArgument("onednn conv3d: expected x [N,D,H,W,C], kernel [k,k,k,C,F]");
+  *s = Shape{x[0], x[1], x[2], x[3], x[4], w[0], w[4]};
   return ffi::Error::Success();
 }
 
@@ -104,67 +107,70 @@ dnnl::stream& Stream() {
   return st;
 }
 
+// Runs one primitive on `args` plus a scratchpad of its own (see Get), and waits for it: the
+// scratchpad and a reordered kernel live only as long as `args`.
+template <typename PrimitiveDesc>
+void Execute(const dnnl::primitive& prim, const PrimitiveDesc& pd,
+             std::unordered_map<int, memory> args, dnnl::stream& st) {
+  args.insert({DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), Engine())});
+  prim.execute(st, args);
+  st.wait();
+}
+
 ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (auto e = Check(xd, wd); e.failure()) return e;
-  Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], wd[0], wd[4]};
+  Shape s{};
+  if (auto e = ShapeOf(x.dimensions(), w.dimensions(), &s); e.failure()) return e;
   auto& p = Get(s);
   auto& eng = Engine();
   auto& st = Stream();
-  memory src(p.fwd_pd.src_desc(), eng, x.typed_data());
-  memory dst(p.fwd_pd.dst_desc(), eng, y->typed_data());
-  memory wei = KernelFor(s, w.typed_data(), p.fwd_pd.weights_desc(), p.wei_to_fwd, st);
-  memory scratch(p.fwd_pd.scratchpad_desc(), eng);
-  p.fwd.execute(st, {{DNNL_ARG_SRC, src},
-                     {DNNL_ARG_WEIGHTS, wei},
-                     {DNNL_ARG_DST, dst},
-                     {DNNL_ARG_SCRATCHPAD, scratch}});
-  st.wait();
+  Execute(p.fwd, p.fwd_pd,
+          {{DNNL_ARG_SRC, memory(p.fwd_pd.src_desc(), eng, x.typed_data())},
+           {DNNL_ARG_WEIGHTS,
+            KernelFor(s, w.typed_data(), p.fwd_pd.weights_desc(), p.wei_to_fwd, st)},
+           {DNNL_ARG_DST, memory(p.fwd_pd.dst_desc(), eng, y->typed_data())}},
+          st);
   return ffi::Error::Success();
 }
 
 // dx from dy and the kernel; x's shape comes from the result buffer.
 ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> dx) {
-  auto xd = dx->dimensions(), wd = w.dimensions();
-  if (auto e = Check(xd, wd); e.failure()) return e;
-  Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], wd[0], wd[4]};
+  Shape s{};
+  if (auto e = ShapeOf(dx->dimensions(), w.dimensions(), &s); e.failure()) return e;
   auto& p = Get(s);
   auto& eng = Engine();
   auto& st = Stream();
-  memory diff_dst(p.bwd_data_pd.diff_dst_desc(), eng, dy.typed_data());
-  memory diff_src(p.bwd_data_pd.diff_src_desc(), eng, dx->typed_data());
-  memory wei = KernelFor(s, w.typed_data(), p.bwd_data_pd.weights_desc(), p.wei_to_bwd_data, st);
-  memory scratch(p.bwd_data_pd.scratchpad_desc(), eng);
-  p.bwd_data.execute(st, {{DNNL_ARG_DIFF_DST, diff_dst},
-                          {DNNL_ARG_WEIGHTS, wei},
-                          {DNNL_ARG_DIFF_SRC, diff_src},
-                          {DNNL_ARG_SCRATCHPAD, scratch}});
-  st.wait();
+  const auto& pd = p.bwd_data_pd;
+  Execute(p.bwd_data, pd,
+          {{DNNL_ARG_DIFF_DST, memory(pd.diff_dst_desc(), eng, dy.typed_data())},
+           {DNNL_ARG_WEIGHTS,
+            KernelFor(s, w.typed_data(), pd.weights_desc(), p.wei_to_bwd_data, st)},
+           {DNNL_ARG_DIFF_SRC, memory(pd.diff_src_desc(), eng, dx->typed_data())}},
+          st);
   return ffi::Error::Success();
 }
 
 // dkernel from x and dy.
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw) {
-  auto xd = x.dimensions(), wd = dw->dimensions();
-  if (auto e = Check(xd, wd); e.failure()) return e;
-  Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], wd[0], wd[4]};
+  Shape s{};
+  if (auto e = ShapeOf(x.dimensions(), dw->dimensions(), &s); e.failure()) return e;
   auto& p = Get(s);
   auto& eng = Engine();
   auto& st = Stream();
-  memory src(p.bwd_wei_pd.src_desc(), eng, x.typed_data());
-  memory diff_dst(p.bwd_wei_pd.diff_dst_desc(), eng, dy.typed_data());
+  const auto& pd = p.bwd_wei_pd;
   memory user(memory::desc(s.wei(), dt::f32, tag::dhwio), eng, dw->typed_data());
-  bool direct = p.bwd_wei_pd.diff_weights_desc() == user.get_desc();
-  memory diff_wei = direct ? user : memory(p.bwd_wei_pd.diff_weights_desc(), eng);
-  memory scratch(p.bwd_wei_pd.scratchpad_desc(), eng);
-  p.bwd_wei.execute(st, {{DNNL_ARG_SRC, src},
-                         {DNNL_ARG_DIFF_DST, diff_dst},
-                         {DNNL_ARG_DIFF_WEIGHTS, diff_wei},
-                         {DNNL_ARG_SCRATCHPAD, scratch}});
-  if (!direct) p.diff_wei_from_bwd.execute(st, diff_wei, user);
-  st.wait();
+  bool direct = pd.diff_weights_desc() == user.get_desc();
+  memory diff_wei = direct ? user : memory(pd.diff_weights_desc(), eng);
+  Execute(p.bwd_wei, pd,
+          {{DNNL_ARG_SRC, memory(pd.src_desc(), eng, x.typed_data())},
+           {DNNL_ARG_DIFF_DST, memory(pd.diff_dst_desc(), eng, dy.typed_data())},
+           {DNNL_ARG_DIFF_WEIGHTS, diff_wei}},
+          st);
+  if (!direct) {
+    p.diff_wei_from_bwd.execute(st, diff_wei, user);
+    st.wait();
+  }
   return ffi::Error::Success();
 }
 
