@@ -21,7 +21,7 @@ import time
 import numpy as np
 from absl import logging
 
-from jule3d import baselines, patches, volume
+from jule3d import baselines, files, patches, volume
 
 NAME = 'atropos'
 MRF_WEIGHT = 0.3  # Atropos' usual smoothing for brain MRI (`-m [0.3,1x1x1]`)
@@ -73,17 +73,17 @@ def atropos_baseline(image, config, out_dir: str, overwrite: bool = False) -> di
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
   # A temporary name that files.remove_stale_temporaries knows: a killed run leaves nothing behind.
-  work = volume.temp_path(os.path.join(out_dir, f'{NAME}-work'))
+  work = files.temp_path(os.path.join(out_dir, f'{NAME}-work'))
   os.mkdir(work)
   try:
     arr = image.read((0, 0, 0), image.shape)
     mask = patches.foreground(arr, c.data.threshold, c.data.foreground)
-    files = [os.path.join(work, f) for f in ('image.nii', 'mask.nii', 'out.nii')]
-    volume.write_nifti(files[0], arr.astype(np.float32), image.spacing, image.affine)
-    volume.write_nifti(files[1], mask.astype(np.uint8), image.spacing, image.affine)
+    io_paths = [os.path.join(work, f) for f in ('image.nii', 'mask.nii', 'out.nii')]
+    volume.write_nifti(io_paths[0], arr.astype(np.float32), image.spacing, image.affine)
+    volume.write_nifti(io_paths[1], mask.astype(np.uint8), image.spacing, image.affine)
     del arr
     proc = subprocess.run(
-      [py, _WORKER, *files, str(k), str(MRF_WEIGHT)], capture_output=True, text=True
+      [py, _WORKER, *io_paths, str(k), str(MRF_WEIGHT)], capture_output=True, text=True
     )
     if proc.returncode != 0:
       tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -91,7 +91,7 @@ def atropos_baseline(image, config, out_dir: str, overwrite: bool = False) -> di
       return {'skipped': f'Atropos failed: {tail}'}
     import nibabel as nib
 
-    labels = np.asarray(nib.load(files[2]).dataobj).astype(np.uint8)
+    labels = np.asarray(nib.load(io_paths[2]).dataobj).astype(np.uint8)
     labels[~mask] = 0
     result = {'mrf': MRF_WEIGHT, 'seconds': round(time.time() - t0, 3)}
     volume.save_zarr(

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from absl import logging
 
-from jule3d import patches, volume
+from jule3d import files, patches, volume
 from jule3d.errors import UserError
 
 NAMES = ('kmeans_intensity', 'multi_otsu')
@@ -281,7 +281,7 @@ def intensity_baselines(image, config, out_dir: str, overwrite: bool = False) ->
 
 def _write_baselines(image, fg, depth, paths, results, settings) -> None:
   todo = {n: r for n, r in results.items() if 'skipped' not in r}
-  tmps = {n: volume.temp_path(paths[n]) for n in todo}
+  tmps = {n: files.temp_path(paths[n]) for n in todo}
   try:
     stores = {
       n: volume.create_zarr(

@@ -106,7 +106,7 @@ def resolve_inputs(
       shutil.rmtree(workdir, ignore_errors=True)
     else:
       for entry in sorted(_entries(workdir) - before, reverse=True):
-        _remove(os.path.join(workdir, entry))
+        files.remove_path(os.path.join(workdir, entry))
     raise
 
 
@@ -133,13 +133,6 @@ def _entries(workdir: str) -> set[str]:
   if os.path.isdir(cache):
     names |= {os.path.join(CACHE, n) for n in os.listdir(cache)}
   return names
-
-
-def _remove(path: str) -> None:
-  if os.path.isdir(path) and not os.path.islink(path):
-    shutil.rmtree(path, ignore_errors=True)
-  elif os.path.lexists(path):
-    os.unlink(path)
 
 
 def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from jule3d import volume
+from jule3d import files
 from jule3d.workdir import FIGURES
 
 _PANEL_IN = 3.2  # panel width, inches
@@ -59,14 +59,8 @@ def _save(fig, path: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
 
   FigureCanvasAgg(fig)
-  tmp = volume.temp_path(path)
-  try:
+  with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format='png', dpi=_DPI)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def slice_positions(shape, planes: np.ndarray) -> tuple[int, int, int]:

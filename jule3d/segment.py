@@ -21,6 +21,7 @@ from jule3d import (
   checkpoint,
   dense,
   descriptors,
+  files,
   model,
   objective,
   patches,
@@ -220,9 +221,8 @@ def resumable_features(
     out = np.asarray(compute(centres[a:b]), np.float32)
     logging.info('feature part %d: %d grid patches in %.1fs', i, b - a, time.time() - t0)
     shown.update(int(b))
-    tmp = os.path.join(folder, f'.part_{i:06d}.tmp.npy')
-    np.save(tmp, out)
-    os.replace(tmp, path)
+    with files.atomic_path(path, '.npy') as tmp:
+      np.save(tmp, out)
     parts.append(out)
   if not complete:
     return None
@@ -573,9 +573,8 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   affine = out.affine if out.affine is not None else np.diag([*map(float, out.spacing), 1.0])
   volume.write_itk(out_nrrd, seg, out.spacing, affine)
   if c.segment.save_features:
-    tmp = os.path.join(workdir, '.' + FEATURES + '.tmp.npz')
-    np.savez(tmp, centres=centres, features=feats, labels=labels)
-    os.replace(tmp, os.path.join(workdir, FEATURES))
+    with files.atomic_path(os.path.join(workdir, FEATURES), '.npz') as tmp:
+      np.savez(tmp, centres=centres, features=feats, labels=labels)
   shutil.rmtree(os.path.join(workdir, PROGRESS), ignore_errors=True)
   summary = {
     'grid_patches': int(len(centres)),

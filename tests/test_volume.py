@@ -11,7 +11,7 @@ import pytest
 import tensorstore as ts
 import tifffile
 
-from jule3d import volume
+from jule3d import files, volume
 from jule3d.errors import UserError
 
 SHAPE = (20, 17, 13)  # odd sizes, not multiples of the test chunk
@@ -464,7 +464,7 @@ def test_save_zarr_round_trips_atomically_and_replaces(tmp_path):
 def test_streamed_zarr_writer_commits_or_leaves_nothing(tmp_path):
   a = _array(np.int16)
   final = tmp_path / 'labels.zarr'
-  tmp = volume.temp_path(str(final))
+  tmp = files.temp_path(str(final))
   store = volume.create_zarr(tmp, SHAPE, np.int16, (1.0, 2.0, 3.0), chunk=CHUNK)
   for z0 in range(0, SHAPE[0], 6):
     z1 = min(z0 + 6, SHAPE[0])
@@ -722,8 +722,6 @@ def test_write_itk_round_trips_voxels_dtype_and_geometry(tmp_path, suffix, dtype
 def test_write_itk_without_affine_and_its_failures(tmp_path, monkeypatch):
   import SimpleITK as sitk
 
-  from jule3d import files
-
   a = _itk_array(np.uint8) > 3  # bool: written as uint8
   out = tmp_path / 'mask.nrrd'
   volume.write_itk(str(out), a, (0.5, 0.25, 2.0))
@@ -740,7 +738,7 @@ def test_write_itk_without_affine_and_its_failures(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     volume.write_itk(str(out), a, (1, 1, 1))
   assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ['c', 'mask.nrrd']
-  assert files._TEMPORARY.match(os.path.basename(volume.temp_path(str(out))))  # cleaned if killed
+  assert files._TEMPORARY.match(os.path.basename(files.temp_path(str(out))))  # cleaned if killed
 
 
 def test_detached_data_file_is_stamped_and_must_exist(tmp_path):

@@ -8,7 +8,7 @@ The package, one job per module:
   sources    formats read by numpy, nibabel and tifffile, streamed slab by slab
   itk        NRRD, MetaImage and DICOM series through SimpleITK
   convert    the conversion cache: one chunked zarr copy per source file version
-  write      every atomic writer (zarr, NIfTI, NRRD/MetaImage), with one temporary-name scheme
+  write      every atomic volume writer (zarr, NIfTI, NRRD/MetaImage), on jule3d.files' temp names
   integrity  identity digests, same-grid checks, read errors as one-line messages
 
 `open_volume` accepts
@@ -74,7 +74,6 @@ from jule3d.volume.write import (
   commit_zarr,
   create_zarr,
   save_zarr,
-  temp_path,
   write_itk,
   write_nifti,
   zarr_writer,
@@ -95,7 +94,6 @@ __all__ = [
   'read_errors',
   'same_grid',
   'save_zarr',
-  'temp_path',
   'validate_volume',
   'write_itk',
   'write_nifti',

@@ -13,10 +13,11 @@ import tempfile
 from absl import logging
 
 from jule3d.errors import UserError
+from jule3d.files import temp_path
 from jule3d.volume.core import _SLAB_BYTES, _along, _first_line, _Source
 from jule3d.volume.itk import _dicom_source, _itk_file_source
 from jule3d.volume.sources import _nifti_source, _npy_source, _tiff_dir_source, _tiff_source
-from jule3d.volume.write import create_zarr, temp_path
+from jule3d.volume.write import create_zarr
 
 _CACHE_VERSION = 1  # part of the cache key: bump it when the converted layout changes
 

@@ -1,30 +1,17 @@
-"""Atomic writers: zarr (whole or streamed), NIfTI, NRRD/MetaImage; one temporary-name scheme."""
+"""Atomic volume writers: zarr (whole or streamed), NIfTI, NRRD/MetaImage, on jule3d.files names."""
 
 import contextlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorstore as ts
 
+from jule3d.files import atomic_path, temp_path
 from jule3d.volume.core import _COMPRESSOR, _SLAB_BYTES, Volume, _file_kvstore
 from jule3d.volume.geometry import _LPS, _output_geometry
-
-
-def temp_path(final_path: str) -> str:
-  """A fresh hidden sibling of `final_path` (same folder, so renaming it onto the final is atomic).
-
-  Args:
-    final_path: where the output will end up.
-
-  Returns:
-    The temporary path (not created).
-  """
-  folder, base = os.path.split(os.path.abspath(final_path))
-  return os.path.join(folder, f'.{base}.tmp-{uuid.uuid4().hex[:12]}')
 
 
 def create_zarr(
@@ -209,8 +196,7 @@ def write_nifti(
   header.set_qform(base, code='aligned')
   header.set_sform(base, code='aligned')
   header.set_zooms(spacing)
-  tmp = temp_path(path)
-  try:
+  with atomic_path(path) as tmp:
     with open(tmp, 'wb') as raw, contextlib.ExitStack() as stack:
       # No file name or time in the gzip header: the temporary name is not recorded, and the same
       # volume gives the same bytes.
@@ -221,11 +207,6 @@ def write_nifti(
       depth = max(1, _SLAB_BYTES // 4 // max(1, shape[0] * shape[1] * dtype.itemsize))
       for k0 in range(0, shape[2], depth):
         f.write(np.asarray(read(k0, min(k0 + depth, shape[2]))).astype(dtype).tobytes(order='F'))
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
 
 
 ITK_SUFFIXES = ('.nrrd', '.nhdr', '.mha', '.mhd')
