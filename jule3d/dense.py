@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jule3d import model
+from jule3d import model, patches
 
 _DEFAULT_MEMORY_MB = 384
 
@@ -196,7 +196,7 @@ def _block_features(block: _Block, variables, x: jax.Array, mean, std) -> jax.Ar
     y = conv(h, params[name]['kernel'], cdt) + params[name]['bias']
     return jax.nn.relu(y * a + b)
 
-  x = ((x.astype(jnp.float32) - mean) / std)[None, ..., None]
+  x = patches.normalise(x, mean, std)[None, ..., None]
   h1 = layer(x, 1)
   rows, order = [], []
   phases = [block.phases(a) for a in range(3)]

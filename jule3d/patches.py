@@ -8,6 +8,8 @@ patches (never one per patch), with the next slab's read in flight while the cur
 
 from collections.abc import Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jule3d import progress
@@ -372,6 +374,21 @@ def stats_from_sums(sums: np.ndarray) -> tuple[float, float]:
       'from (check config.data.path and config.data.threshold).'
     )
   return float(mean), std
+
+
+def normalise(x, mean: float, std: float):
+  """(x - mean) / std in float32 (method §1): the one normalisation of every patch the CNN sees.
+
+  Args:
+    x: numpy or jax array in the volume's dtype (also inside jit).
+    mean: normalisation mean of the training patches.
+    std: their std.
+
+  Returns:
+    The same kind of array, float32.
+  """
+  xp = jnp if isinstance(x, jax.Array) else np
+  return (x.astype(xp.float32) - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
 
 
 def patch_stats(patches: np.ndarray, chunk: int = 512) -> tuple[float, float]:

@@ -132,7 +132,7 @@ def grid_features(
 
   def embed(idx: np.ndarray, raw: np.ndarray) -> None:
     nonlocal feats
-    x = (raw.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    x = patches.normalise(raw, mean, std)
     n = len(x)
     if n < batch_size:
       x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
@@ -450,9 +450,9 @@ def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std:
   if kind == 'intensity':
     img = inputs.image
     vals = img.store.vindex[centres[:, 0], centres[:, 1], centres[:, 2]].read().result()
-    return ((np.asarray(vals, np.float32) - mean) / std)[:, None]
+    return patches.normalise(np.asarray(vals), mean, std)[:, None]
   vol = inputs.patch_source
-  x = (vol.read((0, 0, 0), vol.shape).astype(np.float32) - np.float32(mean)) / np.float32(std)
+  x = patches.normalise(vol.read((0, 0, 0), vol.shape), mean, std)
   feats = descriptors.texture_volume(x, c.patches.patch_size)[tuple(centres.T)]
   return descriptors.finish('texture', feats)
 

@@ -93,7 +93,7 @@ def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> Tra
   if rows.is_fully_replicated:
     raw = patches.read_patches(inputs.patch_source, centres, w)
     mean, std = patches.patch_stats(raw)
-    normalised = jax.device_put(normalise(raw, mean, std), rows)
+    normalised = jax.device_put(normalised_on_device(raw, mean, std), rows)
   else:
     mine = sharding.local_rows(shape, rows)
     logging.info(
@@ -104,7 +104,7 @@ def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> Tra
     )
     raw = patches.read_patches(inputs.patch_source, centres[mine], w)
     mean, std = patches.stats_from_sums(sharding.sum_over_processes(patches.patch_sums(raw)))
-    local = np.asarray(normalise(raw, mean, std))
+    local = np.asarray(normalised_on_device(raw, mean, std))
     normalised = sharding.put_rows(shape, rows, lambda r: local[np.searchsorted(mine, r)])
   del raw
   truth = None
@@ -117,8 +117,8 @@ def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> Tra
   return TrainingData(centres=centres, patches=normalised, mean=mean, std=std, truth=truth)
 
 
-def normalise(raw: np.ndarray, mean: float, std: float, chunk: int = 1024) -> jax.Array:
-  """(raw - mean) / std as float32 on the default device, converted in chunks (bounded host memory).
+def normalised_on_device(raw: np.ndarray, mean: float, std: float, chunk: int = 1024) -> jax.Array:
+  """patches.normalise(raw) on the default device, converted in chunks (bounded host memory).
 
   Args:
     raw: [N, ...] patches in the volume's dtype.
@@ -130,7 +130,7 @@ def normalise(raw: np.ndarray, mean: float, std: float, chunk: int = 1024) -> ja
     Device array [N, ...] float32.
   """
   parts = [
-    jnp.asarray((raw[i : i + chunk].astype(np.float32) - np.float32(mean)) / np.float32(std))
+    jnp.asarray(patches.normalise(raw[i : i + chunk], mean, std))
     for i in range(0, len(raw), chunk)
   ]
   return jnp.concatenate(parts) if parts else jnp.zeros((0,) + raw.shape[1:], jnp.float32)
