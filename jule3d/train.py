@@ -130,8 +130,7 @@ def normalised_on_device(raw: np.ndarray, mean: float, std: float, chunk: int = 
     Device array [N, ...] float32.
   """
   parts = [
-    jnp.asarray(patches.normalise(raw[i : i + chunk], mean, std))
-    for i in range(0, len(raw), chunk)
+    jnp.asarray(patches.normalise(raw[i : i + chunk], mean, std)) for i in range(0, len(raw), chunk)
   ]
   return jnp.concatenate(parts) if parts else jnp.zeros((0,) + raw.shape[1:], jnp.float32)
 
