@@ -366,12 +366,13 @@ def _jax_layers(
   import jax
   import jax.numpy as jnp
 
+  from jule3d import convolution
   from jule3d import model as model_lib
 
   p, s = variables['params'], variables['batch_stats']
   eps = float(cfg.model.bn_epsilon)
 
-  conv3d = model_lib.conv3d_fn(model_lib.resolve_conv_impl(cfg.model.conv_impl))
+  conv3d = convolution.conv3d_fn(convolution.resolve_conv_impl(cfg.model.conv_impl))
 
   def conv(name):
     return lambda q, x: conv3d(x, q['kernel']) + q['bias']
@@ -459,10 +460,11 @@ def run(args: argparse.Namespace) -> str:
 
   from bench.bench_cnn import matmul_gflops
   from bench.common import cpu_model, peak_rss_mb
+  from jule3d import convolution
   from jule3d import model as model_lib
 
   load_start = os.getloadavg()[0]
-  impls = list(dict.fromkeys(model_lib.resolve_conv_impl(i) for i in args.impls.split(',')))
+  impls = list(dict.fromkeys(convolution.resolve_conv_impl(i) for i in args.impls.split(',')))
   worker = TorchWorker(args.torch_python)
   try:
     jxs = {impl: _jax_side(args.batch, args.seed, impl) for impl in impls}

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import publish  # noqa: E402
-from jule3d import model  # noqa: E402
+from jule3d import convolution  # noqa: E402
 
 BATCH = 100
 # (name, input edge, input channels, kernel, output channels): the paper CNN's convolutions.
@@ -52,13 +52,13 @@ def main() -> None:
     o = edge - k + 1
     x = jnp.asarray(rng.standard_normal((BATCH, edge, edge, edge, cin), np.float32))
     w = jnp.asarray(rng.standard_normal((k**3 * cin, cout), np.float32))
-    cols = jax.jit(lambda x, k=k: model._columns(x, k))(x)
+    cols = jax.jit(lambda x, k=k: convolution._columns(x, k))(x)
     dy = jnp.asarray(rng.standard_normal((BATCH * o**3, cout), np.float32))
     dcols = jnp.dot(dy, w.T)
     m, kk = BATCH * o**3, k**3 * cin
     flop = 2 * m * kk * cout
     pieces = [
-      ('gather columns', best(jax.jit(lambda x, k=k: model._columns(x, k)), x), 0),
+      ('gather columns', best(jax.jit(lambda x, k=k: convolution._columns(x, k)), x), 0),
       ('fwd matmul cols @ W', best(jax.jit(jnp.dot), cols, w), flop),
       ('bwd dW = cols^T @ dy', best(jax.jit(lambda c, d: c.T @ d), cols, dy), flop),
     ]
@@ -66,7 +66,11 @@ def main() -> None:
       shaped = (BATCH, o, o, o, k, k, k, cin)
       pieces += [
         ('bwd dcols = dy @ W^T', best(jax.jit(lambda d, w: d @ w.T), dy, w), flop),
-        ('bwd col2im', best(jax.jit(lambda d, s=shaped: model._col2im(d.reshape(s))), dcols), 0),
+        (
+          'bwd col2im',
+          best(jax.jit(lambda d, s=shaped: convolution._col2im(d.reshape(s))), dcols),
+          0,
+        ),
       ]
     for piece, t, f in pieces:
       rate = f'{f / t / 1e9:.0f} ({f / t / 1e9 / roof:.0%})' if f else '-'

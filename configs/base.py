@@ -70,8 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.init_std = 0.01  # Conv/dense weights ~ N(0, init_std^2), biases 0.
   c.model.bn_momentum = 0.9  # BatchNorm running-average momentum (Flax convention).
   c.model.bn_epsilon = 1e-5  # BatchNorm epsilon.
-  # 3D convolutions (jule3d/model.py): 'auto' (CPU: oneDNN where built, float32; else im2col. XLA
-  # on GPU/TPU), 'xla', 'im2col' or 'onednn'.
+  # 3D convolutions (jule3d/convolution.py): 'auto' (CPU: oneDNN where built, float32; else
+  # im2col. XLA on GPU/TPU), 'xla', 'im2col' or 'onednn'.
   c.model.conv_impl = 'auto'
   c.model.dtype = 'float32'  # Activation/weight compute dtype: 'float32' or 'bfloat16'.
 

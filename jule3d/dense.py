@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jule3d import model, patches
+from jule3d import convolution, model, patches
 
 _DEFAULT_MEMORY_MB = 384
 
@@ -88,7 +88,7 @@ def _net_of(net: model.JuleCNN, patch_size: int) -> _Net:
     hidden_dim=int(net.hidden_dim),
     embed_dim=int(net.embed_dim),
     bn_epsilon=float(net.bn_epsilon),
-    impl=model.resolve_conv_impl(str(net.conv_impl), str(net.dtype)),
+    impl=convolution.resolve_conv_impl(str(net.conv_impl), str(net.dtype)),
     dtype=str(net.dtype),
     patch_size=int(patch_size),
   )
@@ -187,7 +187,7 @@ def _block_features(block: _Block, variables, x: jax.Array, mean, std) -> jax.Ar
   p = n.pool_size
   _, e2, _, e4 = n.edges()
   cdt = jnp.bfloat16 if n.dtype == 'bfloat16' else jnp.float32
-  conv = model.conv3d_fn(n.impl)
+  conv = convolution.conv3d_fn(n.impl)
   params, stats = variables['params'], variables['batch_stats']
 
   def layer(h, i):

@@ -1,7 +1,7 @@
 """3D convolution on the CPU through oneDNN (the library PyTorch calls), reached through XLA's FFI.
 
 XLA:CPU hands no 3D convolution to a library: its own conv3d runs at a few GFLOP/s and the im2col
-formulation (jule3d/model.py) materialises every k^3 window. Here a small C++ extension
+formulation (jule3d/convolution.py) materialises every k^3 window. Here a small C++ extension
 (jule3d/csrc/onednn_conv.cc) wraps oneDNN's direct convolution, forward and both gradients, as
 three XLA FFI custom calls, and `conv3d` ties them together with `jax.custom_vjp`, so it works
 under `jit` and `grad` like any other op.
@@ -175,12 +175,12 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
-  """VALID, stride-1 3D convolution through oneDNN (the contract of model.im2col_conv3d).
+  """VALID, stride-1 3D convolution through oneDNN (the contract of convolution.im2col_conv3d).
 
   Args:
     x: [B, D, H, W, C] input.
     kernel: [k, k, k, C, F] weights.
-    compute_dtype: float32 only (bfloat16 configs keep the im2col path, model.resolve_conv_impl).
+    compute_dtype: float32 only (bfloat16 configs keep the im2col path, convolution.resolve_conv_impl).
 
   Returns:
     [B, D-k+1, H-k+1, W-k+1, F] float32.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from jule3d import convolution
 from jule3d import model as model_lib
 
 
@@ -148,11 +149,11 @@ def test_im2col_conv_non_cubic_and_input_gradient():
   k = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 4)), jnp.float32)
   dy = jnp.asarray(rng.standard_normal((2, 6, 7, 8, 4)), jnp.float32)
   np.testing.assert_allclose(
-    model_lib.im2col_conv3d(x, k), model_lib.xla_conv3d(x, k), atol=1e-4, rtol=1e-5
+    convolution.im2col_conv3d(x, k), convolution.xla_conv3d(x, k), atol=1e-4, rtol=1e-5
   )
   grads = [
     jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * dy), argnums=(0, 1))(x, k)
-    for f in (model_lib.xla_conv3d, model_lib.im2col_conv3d)
+    for f in (convolution.xla_conv3d, convolution.im2col_conv3d)
   ]
   for a, b in zip(*grads, strict=True):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-5)
@@ -195,8 +196,8 @@ def test_auto_impl_follows_backend():
 
   cpu = 'onednn' if onednn.available() else 'im2col'
   expected = cpu if jax.default_backend() == 'cpu' else 'xla'
-  assert model_lib.resolve_conv_impl('auto') == expected
-  assert model_lib.resolve_conv_impl('auto', 'bfloat16') in ('im2col', 'xla')
-  assert model_lib.resolve_conv_impl('xla') == 'xla'
+  assert convolution.resolve_conv_impl('auto') == expected
+  assert convolution.resolve_conv_impl('auto', 'bfloat16') in ('im2col', 'xla')
+  assert convolution.resolve_conv_impl('xla') == 'xla'
   with pytest.raises(ValueError, match='conv_impl'):
-    model_lib.resolve_conv_impl('cudnn')
+    convolution.resolve_conv_impl('cudnn')

@@ -11,8 +11,8 @@ import pytest
 from helpers import ROOT
 
 from configs import smoke
+from jule3d import convolution, onednn
 from jule3d import model as model_lib
-from jule3d import onednn
 
 pytestmark = pytest.mark.skipif(
   not onednn.available(), reason='oneDNN extension not built (make venv builds it)'
@@ -41,7 +41,7 @@ def test_forward_and_gradients_equal_im2col(x_shape, k, f):
   out_shape = (x_shape[0], *[n - k + 1 for n in x_shape[1:4]], f)
   dy = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
   results = []
-  for conv in (onednn.conv3d, model_lib.im2col_conv3d):
+  for conv in (onednn.conv3d, convolution.im2col_conv3d):
     y = jax.jit(conv)(x, kernel)
     grads = jax.jit(jax.grad(lambda x, w, c=conv: jnp.sum(c(x, w) * dy), argnums=(0, 1)))(x, kernel)
     results.append((y, *grads))
@@ -83,13 +83,13 @@ def test_model_gradients_match_im2col():
 def test_sharded_batch_on_four_devices():
   code = (
     'import jax, jax.numpy as jnp, numpy as np\n'
-    'from jule3d import onednn, model, sharding\n'
+    'from jule3d import convolution, onednn, sharding\n'
     'm = sharding.mesh()\n'
     'rng = np.random.default_rng(0)\n'
     'x = sharding.put_batch(rng.standard_normal((8, 9, 9, 9, 2)).astype(np.float32), m)\n'
     'w = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)), jnp.float32)\n'
     'f = lambda c: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(c(x, w))), (0, 1)))\n'
-    'a, b = f(onednn.conv3d)(x, w), f(model.im2col_conv3d)(x, w)\n'
+    'a, b = f(onednn.conv3d)(x, w), f(convolution.im2col_conv3d)(x, w)\n'
     'err = max(float(jnp.max(jnp.abs(p - q)) / max(1.0, float(jnp.max(jnp.abs(q)))))\n'
     '          for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)))\n'
     'print(jax.device_count(), len(x.sharding.device_set), err)\n'
@@ -103,9 +103,7 @@ def test_sharded_batch_on_four_devices():
 
 
 def test_failed_build_falls_back_to_im2col(tmp_path):
-  code = (
-    'from jule3d import onednn, model\nprint(onednn.available(), model.resolve_conv_impl("auto"))\n'
-  )
+  code = 'from jule3d import onednn, convolution\nprint(onednn.available(), convolution.resolve_conv_impl("auto"))\n'
   env = dict(os.environ, JULE3D_BUILD_DIR=str(tmp_path / 'build'), CXX='false')
   proc = subprocess.run(
     [sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
