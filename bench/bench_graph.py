@@ -1,4 +1,4 @@
-"""GDL agglomeration (jule3d.graph) vs sklearn average-linkage on the same kNN graph.
+"""GDL agglomeration (jule3d.merge) vs sklearn average-linkage on the same kNN graph.
 
 10,000 L2-normalised 160-d features from a 100-component gaussian mixture with varied spreads,
 agglomerated from the 1-NN components down to 100 clusters. Times exclude compilation (measured
@@ -27,7 +27,7 @@ from sklearn.cluster import AgglomerativeClustering  # noqa: E402
 from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 
 from bench.common import cpu_model, peak_rss_mb, put_section  # noqa: E402
-from jule3d import graph  # noqa: E402
+from jule3d import graph, merge  # noqa: E402
 
 SECTION = '## GDL agglomeration'
 
@@ -78,12 +78,12 @@ def run(args: argparse.Namespace) -> str:
   num = nc0 - args.clusters
 
   t0 = time.perf_counter()
-  graph.merge_period(x, idx, w, lab0, num, **kw)  # compiles + runs
+  merge.merge_period(x, idx, w, lab0, num, **kw)  # compiles + runs
   t_first = time.perf_counter() - t0
   times = []
   for _ in range(args.repeats):
     t0 = time.perf_counter()
-    ours = graph.merge_period(x, idx, w, lab0, num, **kw)
+    ours = merge.merge_period(x, idx, w, lab0, num, **kw)
     times.append(time.perf_counter() - t0)
   t_ours = min(times)
   t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> str:
   table = [
     '| method | time (s) | compile (s) | NMI vs mixture component | clusters |',
     '|---|---|---|---|---|',
-    f'| jule3d GDL merge loop ({num} merges, P = {graph.slot_bucket(nc0, args.k_c)}) | '
+    f'| jule3d GDL merge loop ({num} merges, P = {merge.slot_bucket(nc0, args.k_c)}) | '
     f'{t_ours:.2f} | {t_first - t_ours:.2f} | {nmi_ours:.4f} | {ours.max() + 1} |',
     f'| sklearn AgglomerativeClustering(average, same kNN connectivity) fit | {t_sk:.2f} | - | '
     f'{nmi_sk:.4f} | {theirs.max() + 1} |',

@@ -38,7 +38,7 @@ from jule3d import (
   checkpoint,
   descriptors,
   files,
-  graph,
+  merge,
   model,
   objective,
   patches,
@@ -330,7 +330,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     history = {'periods': [], 'nmi_patches_raw': None}
     if data.truth is not None:
       initial = initial_features(c, data.patches)  # period 0 clusters them too (below)
-      raw_labels = graph.agglomerate(initial, c.cluster.num_clusters, **_cluster_kwargs(c))
+      raw_labels = merge.agglomerate(initial, c.cluster.num_clusters, **_cluster_kwargs(c))
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
   else:
@@ -390,7 +390,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
             data.patches,
             c.segment.batch_size,
           )
-        new, start = graph.cluster_period(
+        new, start = merge.cluster_period(
           feats,
           labels,
           num_target=target,

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
-from jule3d import graph
+from jule3d import graph, merge
 from jule3d.errors import UserError
 
 N, D, K_S, SLOTS = 120, 6, 8, 64  # one compiled shape for most merge tests
@@ -89,7 +89,7 @@ def test_knn_weights_sigma_and_guards():
   with pytest.raises(UserError, match='k = 120'):
     graph.knn_graph(x, N)
   with pytest.raises(UserError, match='identical'):
-    graph.cluster_period(same, None, 2, k_s=3, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.9)
+    merge.cluster_period(same, None, 2, k_s=3, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.9)
 
 
 # --- initial clusters -----------------------------------------------------------------------
@@ -223,7 +223,7 @@ def _problem(seed, k_s=K_S, n=N, x=None):
 def test_merge_sequence_matches_reference(seed, k_c, lam, target):
   x, idx, w, lab = _problem(seed)
   num = lab.max() + 1 - target
-  new, log = graph.merge_period(
+  new, log = merge.merge_period(
     x, idx, w, lab, num, k_c=k_c, lam=lam, num_slots=SLOTS, return_merges=True
   )
   ref, ref_final, _ = _reference_merges(x, idx, w, lab, num, k_c, lam)
@@ -236,9 +236,9 @@ def test_merge_result_does_not_depend_on_padding_or_chunks():
   x, idx, w, lab = _problem(4)
   num = lab.max()  # down to one cluster: members span many chunks, caches empty out
   kw = dict(k_c=5, lam=1.0, return_merges=True)
-  a = graph.merge_period(x, idx, w, lab, num, **kw)
-  b = graph.merge_period(x, idx, w, lab, num, num_slots=SLOTS, chunks=(3, 1), **kw)
-  assert graph.slot_bucket(lab.max() + 1, 5) < SLOTS
+  a = merge.merge_period(x, idx, w, lab, num, **kw)
+  b = merge.merge_period(x, idx, w, lab, num, num_slots=SLOTS, chunks=(3, 1), **kw)
+  assert merge.slot_bucket(lab.max() + 1, 5) < SLOTS
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
   assert _log_as_sets(lab, b[1]) == _reference_merges(x, idx, w, lab, num, 5, 1.0)[0]
@@ -255,7 +255,7 @@ def test_disconnected_graph_uses_centroid_fallback():
   x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
   x, idx, w, lab = _problem(0, k_s=3, n=n, x=x)
   num = lab.max()  # down to one cluster
-  new, log = graph.merge_period(x, idx, w, lab, num, k_c=5, lam=1.0, return_merges=True)
+  new, log = merge.merge_period(x, idx, w, lab, num, k_c=5, lam=1.0, return_merges=True)
   ref, ref_final, fallbacks = _reference_merges(x, idx, w, lab, num, 5, 1.0)
   assert fallbacks >= 2  # the path under test is taken, more than once
   assert _log_as_sets(lab, log) == ref
@@ -266,26 +266,26 @@ def test_disconnected_graph_uses_centroid_fallback():
 
 
 def test_merges_per_period():
-  assert graph.merges_in_period(38, 5, 0.9) == 33  # ceil(34.2) = 35 > 38 - 5
-  assert graph.merges_in_period(38, 1, 0.9) == 35
-  assert graph.merges_in_period(10, 1, 0.7) == 7  # 0.7 * 10 is 7.000000000000001 in floats
-  assert graph.merges_in_period(5, 5, 0.9) == 0
+  assert merge.merges_in_period(38, 5, 0.9) == 33  # ceil(34.2) = 35 > 38 - 5
+  assert merge.merges_in_period(38, 1, 0.9) == 35
+  assert merge.merges_in_period(10, 1, 0.7) == 7  # 0.7 * 10 is 7.000000000000001 in floats
+  assert merge.merges_in_period(5, 5, 0.9) == 0
   x, idx, w, lab = _problem(6)
   nc = lab.max() + 1
-  out = graph.cluster_period(x, None, 3, k_s=K_S, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.5)
+  out = merge.cluster_period(x, None, 3, k_s=K_S, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.5)
   assert out.max() + 1 == nc - math.ceil(0.5 * nc) and _first_appearance_order(out)
-  direct = graph.merge_period(x, idx, w, lab, math.ceil(0.5 * nc), k_c=5, lam=1.0)
+  direct = merge.merge_period(x, idx, w, lab, math.ceil(0.5 * nc), k_c=5, lam=1.0)
   np.testing.assert_array_equal(out, direct)
 
 
 def test_agglomerate_reaches_target_and_equals_repeated_periods():
   x = _features(7)
   kw = dict(k_s=K_S, k_c=5, a=1.0, lam=1.0)
-  final = graph.agglomerate(x, 4, **kw)
+  final = merge.agglomerate(x, 4, **kw)
   assert final.max() + 1 == 4 and _first_appearance_order(final)
   labels = None
   for _ in range(20):
-    labels = graph.cluster_period(x, labels, 4, unfolding_rate=0.5, **kw)
+    labels = merge.cluster_period(x, labels, 4, unfolding_rate=0.5, **kw)
     if labels.max() + 1 == 4:
       break
   # Periods rebuild the affinities from scratch; the long period updates them after each merge.
@@ -297,16 +297,16 @@ def test_inconsistent_arguments_are_a_bug_not_bad_input():
   # ValueError (a traceback), never the one-line UserError reserved for the user's input.
   x, idx, w, lab = _problem(0)
   with pytest.raises(ValueError, match='num_merges') as info:
-    graph.merge_period(x, idx, w, lab, lab.max() + 1, k_c=5, lam=1.0)
+    merge.merge_period(x, idx, w, lab, lab.max() + 1, k_c=5, lam=1.0)
   assert not isinstance(info.value, UserError)
   with pytest.raises(ValueError, match='every value') as info:
-    graph.merge_period(x, idx, w, lab + 1, 1, k_c=5, lam=1.0)
+    merge.merge_period(x, idx, w, lab + 1, 1, k_c=5, lam=1.0)
   assert not isinstance(info.value, UserError)
 
 
 def test_bad_config_values_raise_user_error():
   x, _, _, _ = _problem(0)
   with pytest.raises(UserError, match='k_s'):
-    graph.cluster_period(x, None, 3, k_s=N, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.9)
+    merge.cluster_period(x, None, 3, k_s=N, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.9)
   with pytest.raises(UserError, match='unfolding_rate'):
-    graph.cluster_period(x, None, 3, k_s=K_S, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.0)
+    merge.cluster_period(x, None, 3, k_s=K_S, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.0)
