@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import publish  # noqa: E402
 from configs import base, demo  # noqa: E402
-from jule3d import dense, model, patches, segment  # noqa: E402
+from jule3d import dense, features, model, patches  # noqa: E402
 
 
 def measure(name: str, cfg, edge: int, stride: int, subset: int) -> str:
@@ -40,9 +40,9 @@ def measure(name: str, cfg, edge: int, stride: int, subset: int) -> str:
   td = time.perf_counter() - t
   idx = np.arange(len(cen))[len(cen) // 2 - subset // 2 :][:subset]
   fn, bs = model.make_embed_fn(net), cfg.segment.batch_size
-  segment.grid_features(vol, cen[idx[:bs]], w, fn, v, 2000.0, 1000.0, bs, slab_depth=stride)
+  features.grid_features(vol, cen[idx[:bs]], w, fn, v, 2000.0, 1000.0, bs, slab_depth=stride)
   t = time.perf_counter()
-  ref = segment.grid_features(vol, cen[idx], w, fn, v, 2000.0, 1000.0, bs, slab_depth=stride)
+  ref = features.grid_features(vol, cen[idx], w, fn, v, 2000.0, 1000.0, bs, slab_depth=stride)
   tp = (time.perf_counter() - t) * len(cen) / len(idx)
   diff = float(np.abs(out[idx] - ref).max())
   return (

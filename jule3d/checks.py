@@ -9,7 +9,7 @@ from jule3d.errors import UserError
 # config.cluster.initial_features: what period 0 clusters (jule3d/descriptors.py).
 INITIAL_FEATURES = ('raw', 'windowed', 'texture')
 # config.segment.features: what phase 2 clusters; 'cnn' is the method, the others are its ablations
-# (the same pipeline with the learned features replaced by a hand-made input, jule3d/segment.py).
+# (the same pipeline with the learned features replaced by a hand-made input, jule3d/features.py).
 SEGMENT_FEATURES = ('cnn', 'intensity', 'initial')
 # config.data.threshold given as a rule instead of a number (jule3d/foreground.py).
 THRESHOLD_RULES = ('otsu',)

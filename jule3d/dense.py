@@ -307,7 +307,7 @@ def dense_grid_features(
   """Eval-mode CNN features of the patches at `centres`, computed fully convolutionally.
 
   Equal (float32 rounding) to embedding each normalised patch with `model.embed`, as
-  `segment.grid_features` does, for any stride, at a fraction of the cost for small strides.
+  `features.grid_features` does, for any stride, at a fraction of the cost for small strides.
 
   Args:
     volume: a jule3d.volume.Volume (needs .store, .shape).

@@ -6,7 +6,6 @@ stream from the volume slab by slab and the label volume is written slab by slab
 volume nor the label volume is ever whole in memory; the grid features are (M x embed_dim floats).
 """
 
-import concurrent.futures
 import os
 import shutil
 import time
@@ -20,21 +19,25 @@ from sklearn.cluster import KMeans
 from jule3d import (
   checkpoint,
   dense,
-  descriptors,
+  features,
   files,
   model,
   objective,
   patches,
-  progress,
   regularise,
   sharding,
   volume,
   working,
 )
 from jule3d.errors import UserError
-from jule3d.workdir import FEATURES, SEGMENTATION, SEGMENTATION_NIFTI, SEGMENTATION_NRRD
+from jule3d.workdir import (
+  FEATURES,
+  SEGMENT_PROGRESS,
+  SEGMENTATION,
+  SEGMENTATION_NIFTI,
+  SEGMENTATION_NRRD,
+)
 
-PROGRESS = '.segment_progress'  # feature parts of an unfinished segmentation
 # Fields that must agree between the config and the checkpoint's config for features to mean the
 # same thing.
 _MODEL_FIELDS = ('conv_features', 'kernel_size', 'pool_size', 'hidden_dim', 'embed_dim')
@@ -94,178 +97,6 @@ def load_model(config, workdir: str):
 
 def _norm(v):
   return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def grid_features(
-  image,
-  centres: np.ndarray,
-  patch_size: int,
-  embed_fn,
-  variables,
-  mean: float,
-  std: float,
-  batch_size: int,
-  slab_depth: int = 1,
-) -> np.ndarray:
-  """CNN features at every grid centre, streamed: read a slab of patches, embed, keep the features.
-
-  Memory: one read box (slab_depth grid planes + a patch of halo), its patches and fewer than a
-  batch held over from earlier slabs, in the volume's dtype; float32 copies are made per batch only.
-
-  Args:
-    image: the Volume.
-    centres: [M, 3] grid centres in raster order.
-    patch_size: w.
-    embed_fn: model.make_embed_fn(net).
-    variables: restored {'params', 'batch_stats'}.
-    mean: normalisation mean stored with the model.
-    std: normalisation std stored with the model.
-    batch_size: patches per CNN call (fixed: one compile; the last batch is padded).
-    slab_depth: axis-0 voxels of centres per read (the grid stride reads one grid plane at a time).
-
-  Returns:
-    [M, embed_dim] float32.
-  """
-  feats = None
-  m = sharding.mesh(local=True)  # each process embeds its own patches
-  variables = jax.device_put(variables, sharding.replicated(m))
-
-  def embed(idx: np.ndarray, raw: np.ndarray) -> None:
-    nonlocal feats
-    x = patches.normalise(raw, mean, std)
-    n = len(x)
-    if n < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
-    out = np.asarray(embed_fn(variables, sharding.put_batch(x, m)))[:n]
-    if feats is None:
-      feats = np.empty((len(centres), out.shape[1]), np.float32)
-    feats[idx] = out
-
-  # Batches are filled across slabs: a grid plane of a small volume can hold fewer patches than a
-  # batch, and padding each plane's last batch wasted most of every call there (measured: paper CNN,
-  # 64^3 volume, stride 5, 64 patches a plane: 28 instead of ~120 patches/s).
-  held_idx, held = [], []  # read, not yet embedded: fewer than a batch
-  read, next_log, t0 = 0, 0.1, time.time()
-  for idx, raw in patches.iter_patches(image, centres, patch_size, slab_depth):
-    held_idx.append(idx)
-    held.append(raw)
-    read += len(idx)
-    count = sum(len(i) for i in held_idx)
-    last = read == len(centres)
-    if count < batch_size and not last:
-      continue
-    idx, raw = np.concatenate(held_idx), np.concatenate(held)
-    full = count if last else count // batch_size * batch_size
-    for i in range(0, full, batch_size):
-      embed(idx[i : i + batch_size], raw[i : i + batch_size])
-    held_idx, held = [idx[full:]], [raw[full:]]
-    done = read - (count - full)
-    if done >= next_log * len(centres):
-      rate = done / max(time.time() - t0, 1e-9)
-      logging.info('features: %d/%d grid patches (%.0f patches/s)', done, len(centres), rate)
-      next_log = done / len(centres) + 0.1
-  return feats
-
-
-def resumable_features(
-  compute,
-  centres: np.ndarray,
-  progress_dir: str,
-  key: str,
-  planes_per_part: int,
-  origin: int = 0,
-  stride: int = 1,
-  owned=None,
-) -> np.ndarray | None:
-  """Features of the grid in parts of a few grid planes, each saved on completion.
-
-  A killed segmentation resumes at the first part not on disk instead of starting over. Parts are
-  kept under `progress_dir/key` (key = checkpoint, patch size, stride and grid size, so a part is
-  never reused for another model or grid) and written atomically. Part p holds the centres on grid
-  planes [p * planes_per_part, (p + 1) * planes_per_part) of axis 0, grid plane = (z - origin) //
-  stride, so parts line up with the dense path's blocks when planes_per_part is a multiple of theirs.
-
-  Args:
-    compute: centres [n, 3] -> features [n, D].
-    centres: [M, 3] grid centres in raster order.
-    progress_dir: folder for the parts (removed by the caller once the output is written).
-    key: identity of this grid and model.
-    planes_per_part: grid planes of axis 0 per part.
-    origin: axis-0 coordinate of grid plane 0 (w // 2).
-    stride: grid step.
-    owned: part index -> whether this process computes it (several processes share the parts);
-      None: all of them.
-
-  Returns:
-    [M, D] float32 features, or None when parts owned by other processes are not on disk yet.
-  """
-  folder = os.path.join(progress_dir, key)
-  os.makedirs(folder, exist_ok=True)
-  part = (centres[:, 0].astype(np.int64) - origin) // stride // planes_per_part
-  bounds = np.flatnonzero(np.diff(part)) + 1
-  bounds = np.concatenate([[0], bounds, [len(centres)]]) if len(centres) else np.zeros(1, int)
-  parts, complete = [], True
-  shown = None
-  for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-    i = int(part[a])
-    path = os.path.join(folder, f'part_{i:06d}.npy')
-    if os.path.exists(path):
-      parts.append(np.load(path))
-      continue
-    if shown is None:  # the rate counts only the parts computed now (not those on disk)
-      shown = progress.Progress('grid features', len(centres), 'patches', done=int(a))
-    if owned is not None and not owned(i):
-      complete = False
-      continue
-    t0 = time.time()
-    out = np.asarray(compute(centres[a:b]), np.float32)
-    logging.info('feature part %d: %d grid patches in %.1fs', i, b - a, time.time() - t0)
-    shown.update(int(b))
-    with files.atomic_path(path, '.npy') as tmp:
-      np.save(tmp, out)
-    parts.append(out)
-  if not complete:
-    return None
-  return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-
-def features_by_parts(
-  compute_on, devices: list, centres: np.ndarray, progress: str, key: str, per_part: int, grid: dict
-) -> np.ndarray | None:
-  """Grid features in resumable parts (resumable_features), dealt over devices and processes.
-
-  Worker j = (process, local device) computes parts j, j + W, j + 2W, ... (W workers in all), the
-  local devices in threads; then the primary process gathers every part from the shared workdir.
-
-  Args:
-    compute_on: device (an entry of `devices`) -> (centres -> features).
-    devices: this process's devices to deal parts over ([None]: one worker per process).
-    centres: [M, 3] grid centres in raster order.
-    progress: folder for the parts.
-    key: identity of the grid and model (resumable_features).
-    per_part: grid planes per part.
-    grid: {'origin', 'stride'} of the grid.
-
-  Returns:
-    [M, D] features in the primary process; None in the others.
-  """
-  procs, me, n = jax.process_count(), jax.process_index(), len(devices)
-  workers = procs * n
-  if workers > 1:
-
-    def work(d: int) -> None:
-      j = me * n + d
-      owned = lambda i: i % workers == j  # noqa: E731
-      resumable_features(
-        compute_on(devices[d]), centres, progress, key, per_part, owned=owned, **grid
-      )
-
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:
-      list(pool.map(work, range(n)))  # list(): re-raises a worker's exception here
-    sharding.barrier('jule3d-features')
-    if not sharding.is_primary():
-      return None
-  return resumable_features(compute_on(devices[0]), centres, progress, key, per_part, **grid)
 
 
 def kmeans_labels(
@@ -432,31 +263,6 @@ def write_back(store, labels, inputs) -> None:
   )
 
 
-def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std: float):
-  """Ablation features of the grid patches (config.segment.features other than 'cnn').
-
-  Args:
-    inputs: pipeline.Inputs.
-    centres: [M, 3] grid centres.
-    kind: 'intensity' (the centre voxel) or 'initial' (the 'texture' descriptor of the patch,
-      descriptors.texture_volume: the whole volume in memory).
-    mean: normalisation mean of the training patches.
-    std: normalisation std of the training patches.
-
-  Returns:
-    [M, D] float32.
-  """
-  c = inputs.config
-  if kind == 'intensity':
-    img = inputs.image
-    vals = img.store.vindex[centres[:, 0], centres[:, 1], centres[:, 2]].read().result()
-    return patches.normalise(np.asarray(vals), mean, std)[:, None]
-  vol = inputs.patch_source
-  x = patches.normalise(vol.read((0, 0, 0), vol.shape), mean, std)
-  feats = descriptors.texture_volume(x, c.patches.patch_size)[tuple(centres.T)]
-  return descriptors.finish('texture', feats)
-
-
 def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   """Runs phase 2 and writes segmentation.zarr and segmentation.nii.gz into the workdir.
 
@@ -499,7 +305,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   embed_fn = model.make_embed_fn(net)
 
   def compute(part: np.ndarray) -> np.ndarray:
-    return grid_features(
+    return features.grid_features(
       inputs.patch_source,
       part,
       w,
@@ -518,7 +324,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   if path == 'dense':
     blocks = dense.block_planes(net, w, s, inputs.image.shape)
     per_part = -(-per_part // blocks) * blocks
-  progress = os.path.join(workdir, PROGRESS)
+  progress = os.path.join(workdir, SEGMENT_PROGRESS)
   grid = {'origin': w // 2, 'stride': s}
   if path == 'dense':
     # The dense path runs one part per device: parts are dealt over every local device.
@@ -532,10 +338,12 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   else:  # the per-patch path already splits each batch over the local devices
     compute_on, devices = (lambda _: compute), [None]
   if c.segment.features == 'cnn':
-    feats = features_by_parts(compute_on, devices, centres, progress, key, per_part, grid)
+    feats = features.features_by_parts(compute_on, devices, centres, progress, key, per_part, grid)
   else:
     logging.info('ablation: k-means on %s features instead of the CNN', c.segment.features)
-    feats = hand_made_features(inputs, centres, c.segment.features, meta['mean'], meta['std'])
+    feats = features.hand_made_features(
+      inputs, centres, c.segment.features, meta['mean'], meta['std']
+    )
   if feats is None:
     return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': jax.process_index()}
   t_feat = time.time() - t0
@@ -561,7 +369,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     with volume.zarr_writer(out_zarr, img.shape, np.uint8, img.spacing, img.affine, chunk) as store:
       write_labels(store, inputs, centres, labels, s)
   else:  # painted on the working grid, then written back onto the input's (jule3d/working.py)
-    on_grid = os.path.join(workdir, PROGRESS, 'working-segmentation.zarr')
+    on_grid = os.path.join(workdir, SEGMENT_PROGRESS, 'working-segmentation.zarr')
     os.makedirs(os.path.dirname(on_grid), exist_ok=True)
     with volume.zarr_writer(on_grid, img.shape, np.uint8, img.spacing, img.affine, chunk) as store:
       write_labels(store, inputs, centres, labels, s)
@@ -575,7 +383,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   if c.segment.save_features:
     with files.atomic_path(os.path.join(workdir, FEATURES), '.npz') as tmp:
       np.savez(tmp, centres=centres, features=feats, labels=labels)
-  shutil.rmtree(os.path.join(workdir, PROGRESS), ignore_errors=True)
+  shutil.rmtree(os.path.join(workdir, SEGMENT_PROGRESS), ignore_errors=True)
   summary = {
     'grid_patches': int(len(centres)),
     'feature_path': path,

@@ -36,7 +36,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from jule3d import (
   checkpoint,
-  descriptors,
+  features,
   files,
   merge,
   model,
@@ -133,35 +133,6 @@ def normalised_on_device(raw: np.ndarray, mean: float, std: float, chunk: int = 
     jnp.asarray(patches.normalise(raw[i : i + chunk], mean, std)) for i in range(0, len(raw), chunk)
   ]
   return jnp.concatenate(parts) if parts else jnp.zeros((0,) + raw.shape[1:], jnp.float32)
-
-
-def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> np.ndarray:
-  """CNN features of every patch in `data`, in fixed-size batches (one compile; last batch padded).
-
-  Args:
-    embed_fn: model.make_embed_fn(model).
-    variables: {'params', 'batch_stats'}.
-    data: [N, w, w, w] normalised patches (device or host).
-    batch_size: patches per call.
-
-  Returns:
-    [N, embed_dim] float32 numpy array.
-  """
-  n = data.shape[0]
-  m = sharding.mesh()
-  take = jax.jit(lambda d, i: d[i])
-  out = []
-  for i in range(0, n, batch_size):
-    # The last batch repeats the last patch as padding (eval-mode BN: rows are independent).
-    idx = np.minimum(np.arange(i, i + batch_size), n - 1).astype(np.int32)
-    feats = embed_fn(variables, sharding.put_batch(take(data, idx), m))
-    out.append(sharding.to_host(feats)[: min(batch_size, n - i)])
-  return np.concatenate(out)
-
-
-def initial_features(c, data: jax.Array) -> np.ndarray:
-  """Period-0 features of the training patches (config.cluster.initial_features; descriptors.py)."""
-  return descriptors.initial_features(c.cluster.initial_features, data, sharding.to_host)
 
 
 def patch_nmi(truth: np.ndarray | None, labels: np.ndarray) -> float | None:
@@ -329,7 +300,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     period = 0
     history = {'periods': [], 'nmi_patches_raw': None}
     if data.truth is not None:
-      initial = initial_features(c, data.patches)  # period 0 clusters them too (below)
+      initial = features.initial_features(c, data.patches)  # period 0 clusters them too (below)
       raw_labels = merge.agglomerate(initial, c.cluster.num_clusters, **_cluster_kwargs(c))
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
@@ -381,10 +352,10 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
         merges = 0  # the extra period on the final labels
       else:
         if period == 0:
-          feats = initial if initial is not None else initial_features(c, data.patches)
+          feats = initial if initial is not None else features.initial_features(c, data.patches)
           initial = None
         else:
-          feats = extract_features(
+          feats = features.extract_features(
             embed_fn,
             {'params': state.params, 'batch_stats': state.batch_stats},
             data.patches,

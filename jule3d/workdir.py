@@ -26,6 +26,7 @@ SEGMENTATION = 'segmentation.zarr'
 SEGMENTATION_NIFTI = 'segmentation.nii.gz'
 SEGMENTATION_NRRD = 'segmentation.nrrd'  # 3D Slicer loads it as a labelmap
 FEATURES = 'features.npz'
+SEGMENT_PROGRESS = '.segment_progress'  # feature parts of an unfinished segmentation
 BASELINES = 'baselines'
 TIMINGS = 'timings.json'
 REPORT_JSON = 'report.json'

@@ -8,7 +8,7 @@ import pytest
 import tensorstore as ts
 
 from configs import base, demo
-from jule3d import dense, model, patches, segment
+from jule3d import dense, features, model, patches
 from jule3d.errors import UserError
 
 MEAN, STD = 100.0, 20.0
@@ -49,7 +49,7 @@ def _grid(shape, w, s):
 
 def _per_patch(vol, centres, w, net, variables):
   fn = model.make_embed_fn(net)
-  return segment.grid_features(vol, centres, w, fn, variables, MEAN, STD, batch_size=64)
+  return features.grid_features(vol, centres, w, fn, variables, MEAN, STD, batch_size=64)
 
 
 def _random(shape, seed=1):
@@ -165,7 +165,7 @@ def test_feature_parts_in_whole_blocks_reproduce_the_unsplit_features_bit_for_bi
     calls.append(len(part))
     return dense.dense_grid_features(vol, part, W, net, variables, MEAN, STD, **kw)
 
-  got = segment.resumable_features(
+  got = features.resumable_features(
     compute, centres, str(tmp_path), 'k', planes_per_part=blocks, origin=W // 2, stride=s
   )
   assert len(calls) == -(-grid_planes // blocks)
@@ -185,7 +185,7 @@ def test_per_patch_batches_span_grid_planes(tiny):
     calls.append(len(x))
     return fn(v, x)
 
-  got = segment.grid_features(vol, centres, W, counted, variables, MEAN, STD, 64, slab_depth=2)
+  got = features.grid_features(vol, centres, W, counted, variables, MEAN, STD, 64, slab_depth=2)
   assert len(centres) == 13 * 5 * 6 and calls == [64] * -(-len(centres) // 64)
   raw = patches.read_patches(vol, centres, W)
   want = np.concatenate(

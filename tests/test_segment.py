@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from jule3d import segment, volume
+from jule3d import features, segment, volume
 
 
 @pytest.mark.parametrize('stride', [1, 2, 4, 5])
@@ -125,20 +125,20 @@ def test_features_resume_after_a_crash_without_recomputing_done_parts(tmp_path):
     return part.astype(np.float32) * 2.0
 
   with pytest.raises(RuntimeError):
-    segment.resumable_features(
+    features.resumable_features(
       compute, centres, str(tmp_path), 'k', planes_per_part=2, origin=2, stride=3
     )
   done_before = len(calls) - 1
   calls.clear()
   crash_at[0] = None
-  got = segment.resumable_features(
+  got = features.resumable_features(
     compute, centres, str(tmp_path), 'k', planes_per_part=2, origin=2, stride=3
   )
   np.testing.assert_array_equal(got, centres * 2.0)
   # 10 grid planes in parts of 2: 5 parts, 2 finished before the crash are not computed again.
   assert done_before == 2 and len(calls) == 3
   # Another key (model or grid) never reuses these parts.
-  other = segment.resumable_features(
+  other = features.resumable_features(
     lambda p: p * 3.0, centres, str(tmp_path), 'other', planes_per_part=2, origin=2, stride=3
   )
   np.testing.assert_array_equal(other, centres * 3.0)

@@ -63,7 +63,7 @@ _DENSE_PARTS = """
 import collections, json, sys, tempfile, types
 import jax, numpy as np, tensorstore as ts
 from configs import base
-from jule3d import dense, model, patches, segment
+from jule3d import dense, features, model, patches
 
 cfg = base.get_config().model
 cfg.conv_features, cfg.kernel_size, cfg.hidden_dim, cfg.embed_dim, cfg.init_std = (4, 5, 6), 3, 7, 5, 0.2
@@ -85,7 +85,7 @@ def compute_on(device):
     return dense.dense_grid_features(vol, part, 15, net, on_device, 100.0, 20.0, **kw)
   return compute
 
-got = segment.features_by_parts(
+got = features.features_by_parts(
   compute_on, jax.local_devices(), centres, tempfile.mkdtemp(), 'k', blocks,
   {'origin': 7, 'stride': 2},
 )

@@ -1,0 +1,248 @@
+"""Features of patches: what the clustering and k-means see.
+
+  training patches  `initial_features` (period 0: a hand-made function of the patch,
+                    jule3d/descriptors.py) and `extract_features` (the CNN's, in fixed-size batches)
+  the stride grid   `grid_features` (per patch, streamed from the volume), or the dense path
+                    (jule3d/dense.py); `resumable_features` / `features_by_parts` cut either into
+                    parts saved in the workdir, so that a killed segmentation resumes, dealt over
+                    devices and processes
+  ablations         `hand_made_features`: the centre intensity or the texture descriptor instead of
+                    the CNN's features, through the same pipeline
+Every patch is normalised by patches.normalise with the statistics stored with the model.
+"""
+
+import concurrent.futures
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from jule3d import descriptors, files, patches, progress, sharding
+
+
+def grid_features(
+  image,
+  centres: np.ndarray,
+  patch_size: int,
+  embed_fn,
+  variables,
+  mean: float,
+  std: float,
+  batch_size: int,
+  slab_depth: int = 1,
+) -> np.ndarray:
+  """CNN features at every grid centre, streamed: read a slab of patches, embed, keep the features.
+
+  Memory: one read box (slab_depth grid planes + a patch of halo), its patches and fewer than a
+  batch held over from earlier slabs, in the volume's dtype; float32 copies are made per batch only.
+
+  Args:
+    image: the Volume.
+    centres: [M, 3] grid centres in raster order.
+    patch_size: w.
+    embed_fn: model.make_embed_fn(net).
+    variables: restored {'params', 'batch_stats'}.
+    mean: normalisation mean stored with the model.
+    std: normalisation std stored with the model.
+    batch_size: patches per CNN call (fixed: one compile; the last batch is padded).
+    slab_depth: axis-0 voxels of centres per read (the grid stride reads one grid plane at a time).
+
+  Returns:
+    [M, embed_dim] float32.
+  """
+  feats = None
+  m = sharding.mesh(local=True)  # each process embeds its own patches
+  variables = jax.device_put(variables, sharding.replicated(m))
+
+  def embed(idx: np.ndarray, raw: np.ndarray) -> None:
+    nonlocal feats
+    x = patches.normalise(raw, mean, std)
+    n = len(x)
+    if n < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
+    out = np.asarray(embed_fn(variables, sharding.put_batch(x, m)))[:n]
+    if feats is None:
+      feats = np.empty((len(centres), out.shape[1]), np.float32)
+    feats[idx] = out
+
+  # Batches are filled across slabs: a grid plane of a small volume can hold fewer patches than a
+  # batch, and padding each plane's last batch wasted most of every call there (measured: paper CNN,
+  # 64^3 volume, stride 5, 64 patches a plane: 28 instead of ~120 patches/s).
+  held_idx, held = [], []  # read, not yet embedded: fewer than a batch
+  read, next_log, t0 = 0, 0.1, time.time()
+  for idx, raw in patches.iter_patches(image, centres, patch_size, slab_depth):
+    held_idx.append(idx)
+    held.append(raw)
+    read += len(idx)
+    count = sum(len(i) for i in held_idx)
+    last = read == len(centres)
+    if count < batch_size and not last:
+      continue
+    idx, raw = np.concatenate(held_idx), np.concatenate(held)
+    full = count if last else count // batch_size * batch_size
+    for i in range(0, full, batch_size):
+      embed(idx[i : i + batch_size], raw[i : i + batch_size])
+    held_idx, held = [idx[full:]], [raw[full:]]
+    done = read - (count - full)
+    if done >= next_log * len(centres):
+      rate = done / max(time.time() - t0, 1e-9)
+      logging.info('features: %d/%d grid patches (%.0f patches/s)', done, len(centres), rate)
+      next_log = done / len(centres) + 0.1
+  return feats
+
+
+def resumable_features(
+  compute,
+  centres: np.ndarray,
+  progress_dir: str,
+  key: str,
+  planes_per_part: int,
+  origin: int = 0,
+  stride: int = 1,
+  owned=None,
+) -> np.ndarray | None:
+  """Features of the grid in parts of a few grid planes, each saved on completion.
+
+  A killed segmentation resumes at the first part not on disk instead of starting over. Parts are
+  kept under `progress_dir/key` (key = checkpoint, patch size, stride and grid size, so a part is
+  never reused for another model or grid) and written atomically. Part p holds the centres on grid
+  planes [p * planes_per_part, (p + 1) * planes_per_part) of axis 0, grid plane = (z - origin) //
+  stride, so parts line up with the dense path's blocks when planes_per_part is a multiple of theirs.
+
+  Args:
+    compute: centres [n, 3] -> features [n, D].
+    centres: [M, 3] grid centres in raster order.
+    progress_dir: folder for the parts (removed by the caller once the output is written).
+    key: identity of this grid and model.
+    planes_per_part: grid planes of axis 0 per part.
+    origin: axis-0 coordinate of grid plane 0 (w // 2).
+    stride: grid step.
+    owned: part index -> whether this process computes it (several processes share the parts);
+      None: all of them.
+
+  Returns:
+    [M, D] float32 features, or None when parts owned by other processes are not on disk yet.
+  """
+  folder = os.path.join(progress_dir, key)
+  os.makedirs(folder, exist_ok=True)
+  part = (centres[:, 0].astype(np.int64) - origin) // stride // planes_per_part
+  bounds = np.flatnonzero(np.diff(part)) + 1
+  bounds = np.concatenate([[0], bounds, [len(centres)]]) if len(centres) else np.zeros(1, int)
+  parts, complete = [], True
+  shown = None
+  for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    i = int(part[a])
+    path = os.path.join(folder, f'part_{i:06d}.npy')
+    if os.path.exists(path):
+      parts.append(np.load(path))
+      continue
+    if shown is None:  # the rate counts only the parts computed now (not those on disk)
+      shown = progress.Progress('grid features', len(centres), 'patches', done=int(a))
+    if owned is not None and not owned(i):
+      complete = False
+      continue
+    t0 = time.time()
+    out = np.asarray(compute(centres[a:b]), np.float32)
+    logging.info('feature part %d: %d grid patches in %.1fs', i, b - a, time.time() - t0)
+    shown.update(int(b))
+    with files.atomic_path(path, '.npy') as tmp:
+      np.save(tmp, out)
+    parts.append(out)
+  if not complete:
+    return None
+  return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def features_by_parts(
+  compute_on, devices: list, centres: np.ndarray, progress: str, key: str, per_part: int, grid: dict
+) -> np.ndarray | None:
+  """Grid features in resumable parts (resumable_features), dealt over devices and processes.
+
+  Worker j = (process, local device) computes parts j, j + W, j + 2W, ... (W workers in all), the
+  local devices in threads; then the primary process gathers every part from the shared workdir.
+
+  Args:
+    compute_on: device (an entry of `devices`) -> (centres -> features).
+    devices: this process's devices to deal parts over ([None]: one worker per process).
+    centres: [M, 3] grid centres in raster order.
+    progress: folder for the parts.
+    key: identity of the grid and model (resumable_features).
+    per_part: grid planes per part.
+    grid: {'origin', 'stride'} of the grid.
+
+  Returns:
+    [M, D] features in the primary process; None in the others.
+  """
+  procs, me, n = jax.process_count(), jax.process_index(), len(devices)
+  workers = procs * n
+  if workers > 1:
+
+    def work(d: int) -> None:
+      j = me * n + d
+      owned = lambda i: i % workers == j  # noqa: E731
+      resumable_features(
+        compute_on(devices[d]), centres, progress, key, per_part, owned=owned, **grid
+      )
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+      list(pool.map(work, range(n)))  # list(): re-raises a worker's exception here
+    sharding.barrier('jule3d-features')
+    if not sharding.is_primary():
+      return None
+  return resumable_features(compute_on(devices[0]), centres, progress, key, per_part, **grid)
+
+
+def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std: float):
+  """Ablation features of the grid patches (config.segment.features other than 'cnn').
+
+  Args:
+    inputs: pipeline.Inputs.
+    centres: [M, 3] grid centres.
+    kind: 'intensity' (the centre voxel) or 'initial' (the 'texture' descriptor of the patch,
+      descriptors.texture_volume: the whole volume in memory).
+    mean: normalisation mean of the training patches.
+    std: normalisation std of the training patches.
+
+  Returns:
+    [M, D] float32.
+  """
+  c = inputs.config
+  if kind == 'intensity':
+    img = inputs.image
+    vals = img.store.vindex[centres[:, 0], centres[:, 1], centres[:, 2]].read().result()
+    return patches.normalise(np.asarray(vals), mean, std)[:, None]
+  vol = inputs.patch_source
+  x = patches.normalise(vol.read((0, 0, 0), vol.shape), mean, std)
+  feats = descriptors.texture_volume(x, c.patches.patch_size)[tuple(centres.T)]
+  return descriptors.finish('texture', feats)
+
+
+def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> np.ndarray:
+  """CNN features of every patch in `data`, in fixed-size batches (one compile; last batch padded).
+
+  Args:
+    embed_fn: model.make_embed_fn(model).
+    variables: {'params', 'batch_stats'}.
+    data: [N, w, w, w] normalised patches (device or host).
+    batch_size: patches per call.
+
+  Returns:
+    [N, embed_dim] float32 numpy array.
+  """
+  n = data.shape[0]
+  m = sharding.mesh()
+  take = jax.jit(lambda d, i: d[i])
+  out = []
+  for i in range(0, n, batch_size):
+    # The last batch repeats the last patch as padding (eval-mode BN: rows are independent).
+    idx = np.minimum(np.arange(i, i + batch_size), n - 1).astype(np.int32)
+    feats = embed_fn(variables, sharding.put_batch(take(data, idx), m))
+    out.append(sharding.to_host(feats)[: min(batch_size, n - i)])
+  return np.concatenate(out)
+
+
+def initial_features(c, data: jax.Array) -> np.ndarray:
+  """Period-0 features of the training patches (config.cluster.initial_features; descriptors.py)."""
+  return descriptors.initial_features(c.cluster.initial_features, data, sharding.to_host)
