@@ -95,9 +95,9 @@ def resolve_inputs(
       if for_segmenting:
         _check_enough_grid_patches(inputs)
     if inputs.labels is not None:
-      from jule3d import evaluate  # matplotlib & co. only when labels are set
+      from jule3d import scores
 
-      evaluate.check_reference(inputs.labels)
+      scores.check_reference(inputs.labels)
     return inputs
   except UserError:
     # Bad input leaves no trace: a workdir this call created is removed again, and in an existing

@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
 from configs import base
-from jule3d import atropos, baselines, evaluate, phantom, pipeline, volume
+from jule3d import atropos, baselines, evaluate, phantom, pipeline, scores, volume
 from jule3d.errors import UserError
 
 SHAPE = (12, 9, 7)
@@ -32,12 +32,12 @@ def test_nmi_equals_sklearn_on_annotated_voxels_and_streaming_equals_whole(seed)
   ref = rng.integers(0, 4, SHAPE)  # 0 = not annotated
   pred = rng.integers(0, 5, SHAPE)  # 0 = not covered
   pred[ref == 2] = rng.integers(0, 2, (ref == 2).sum())  # some dependence: NMI not ~0
-  whole = evaluate.contingency(ref, pred, slab_depth=SHAPE[0])
+  whole = scores.contingency(ref, pred, slab_depth=SHAPE[0])
   assert whole.total == (ref > 0).sum()
-  np.testing.assert_allclose(evaluate.nmi(whole), _sk_nmi(ref, pred), rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(scores.nmi(whole), _sk_nmi(ref, pred), rtol=1e-12, atol=1e-15)
   np.testing.assert_array_equal(whole.planes, (ref > 0).sum(axis=(1, 2)))
   for depth in (1, 2, 5):
-    t = evaluate.contingency(ref, pred, slab_depth=depth)
+    t = scores.contingency(ref, pred, slab_depth=depth)
     np.testing.assert_array_equal(t.table, whole.table)
     np.testing.assert_array_equal(t.predicted_labels, whole.predicted_labels)
 
@@ -47,22 +47,22 @@ def test_contingency_of_volumes_equals_arrays(tmp_path):
   ref = rng.integers(0, 3, SHAPE).astype(np.uint16)
   ref[3:6] = 0  # whole slabs with no annotation are skipped
   pred = rng.integers(0, 4, SHAPE).astype(np.uint8)
-  vols = evaluate.contingencies(
+  vols = scores.contingencies(
     _save(tmp_path / 'r.zarr', ref), {'p': _save(tmp_path / 'p.zarr', pred)}, slab_depth=2
   )['p']
-  arrays = evaluate.contingency(ref, pred)
+  arrays = scores.contingency(ref, pred)
   np.testing.assert_array_equal(vols.table, arrays.table)
   np.testing.assert_array_equal(vols.reference_labels, [1, 2])
-  np.testing.assert_allclose(evaluate.nmi(vols), _sk_nmi(ref, pred), rtol=1e-12)
+  np.testing.assert_allclose(scores.nmi(vols), _sk_nmi(ref, pred), rtol=1e-12)
 
 
 def test_large_label_values_use_the_sparse_path():
   ref = np.array([[[5000, 5000, 70000, 70000, 0]]], np.int64)
   pred = np.array([[[200, 200, 3, 3, 200]]], np.uint8)
-  t = evaluate.contingency(ref, pred)
+  t = scores.contingency(ref, pred)
   np.testing.assert_array_equal(t.reference_labels, [5000, 70000])
   np.testing.assert_array_equal(t.table, [[0, 2], [2, 0]])
-  assert evaluate.nmi(t) == pytest.approx(1.0)
+  assert scores.nmi(t) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
@@ -78,34 +78,34 @@ def test_large_label_values_use_the_sparse_path():
 )
 def test_nmi_degenerate_cases_match_sklearn(ref, pred):
   ref, pred = np.array(ref).reshape(-1, 1, 1), np.array(pred).reshape(-1, 1, 1)
-  got = evaluate.nmi(evaluate.contingency(ref, pred))
+  got = scores.nmi(scores.contingency(ref, pred))
   assert got == pytest.approx(_sk_nmi(ref, pred), abs=1e-12)
 
 
 def test_nmi_of_no_annotated_voxel_is_sklearns_one():
   zeros = np.zeros((2, 2, 2), np.uint8)
-  t = evaluate.contingency(zeros, zeros)
+  t = scores.contingency(zeros, zeros)
   assert t.total == 0
-  assert evaluate.nmi(t) == normalized_mutual_info_score([], [], average_method='geometric')
+  assert scores.nmi(t) == normalized_mutual_info_score([], [], average_method='geometric')
 
 
 def test_prediction_zero_is_its_own_cluster():
   ref = np.array([1, 1, 2, 2, 2, 2]).reshape(-1, 1, 1)
   pred = np.array([0, 0, 1, 1, 1, 1]).reshape(-1, 1, 1)  # class 1 left uncovered, class 2 found
-  t = evaluate.contingency(ref, pred)
+  t = scores.contingency(ref, pred)
   np.testing.assert_array_equal(t.predicted_labels, [0, 1])
-  assert evaluate.nmi(t) == pytest.approx(1.0)  # ignoring 0 would leave one cluster: NMI 0
+  assert scores.nmi(t) == pytest.approx(1.0)  # ignoring 0 would leave one cluster: NMI 0
   pred[0] = 1  # a covered voxel in the wrong cluster costs NMI, as in sklearn with 0 as a label
-  t = evaluate.contingency(ref, pred)
-  assert evaluate.nmi(t) == pytest.approx(_sk_nmi(ref, pred))
-  assert evaluate.nmi(t) < 1.0
+  t = scores.contingency(ref, pred)
+  assert scores.nmi(t) == pytest.approx(_sk_nmi(ref, pred))
+  assert scores.nmi(t) < 1.0
 
 
 def test_dice_table_finds_a_permutation():
   ref = np.repeat([1, 2, 3], 4).reshape(-1, 1, 1)
   perm = {1: 3, 2: 1, 3: 2}
   pred = np.vectorize(perm.get)(ref)
-  rows = evaluate.dice_table(evaluate.contingency(ref, pred), {3: 'tumour'})
+  rows = scores.dice_table(scores.contingency(ref, pred), {3: 'tumour'})
   assert [(r['class'], r['label'], r['dice']) for r in rows] == [
     (1, 3, 1.0),
     (2, 1, 1.0),
@@ -118,14 +118,14 @@ def test_dice_table_finds_a_permutation():
 def test_dice_table_hand_computed_and_zero_never_matched():
   ref = np.array([1, 1, 1, 1, 2, 2]).reshape(-1, 1, 1)
   pred = np.array([5, 5, 5, 7, 7, 7]).reshape(-1, 1, 1)
-  rows = evaluate.dice_table(evaluate.contingency(ref, pred))
+  rows = scores.dice_table(scores.contingency(ref, pred))
   assert [r['label'] for r in rows] == [5, 7]
   assert rows[0]['dice'] == pytest.approx(2 * 3 / (4 + 3))
   assert rows[1]['dice'] == pytest.approx(2 * 2 / (2 + 3))
   pred = np.array([0, 0, 0, 0, 3, 3]).reshape(-1, 1, 1)
-  t = evaluate.contingency(ref, pred)
-  assert evaluate.match_labels(t) == {3: 2}
-  rows = evaluate.dice_table(t)
+  t = scores.contingency(ref, pred)
+  assert scores.match_labels(t) == {3: 2}
+  rows = scores.dice_table(t)
   assert (rows[0]['label'], rows[0]['dice']) == (None, 0.0)
   assert (rows[1]['label'], rows[1]['dice']) == (3, 1.0)
 
@@ -180,7 +180,7 @@ def test_baselines_separate_three_plateaus(tmp_path, monkeypatch, dtype, levels)
     assert out[name]['reused'] is False
     pred = volume.open_volume(out[name]['path']).read((0, 0, 0), image.shape)
     np.testing.assert_array_equal(pred, labels)  # labels ordered by intensity, 0 = background
-    assert evaluate.nmi(evaluate.contingency(labels, pred)) == pytest.approx(1.0)
+    assert scores.nmi(scores.contingency(labels, pred)) == pytest.approx(1.0)
   assert len(out['kmeans_intensity']['centres']) == 3
   again = baselines.intensity_baselines(img, _config(max_fit=500), str(tmp_path / 'b'))
   assert all(again[n]['reused'] for n in baselines.NAMES)

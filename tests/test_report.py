@@ -8,7 +8,7 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from configs import base
-from jule3d import checks, evaluate, foreground, pipeline, report, volume
+from jule3d import checks, evaluate, foreground, pipeline, report, scores, volume
 from jule3d.errors import UserError
 
 SHAPE = (12, 10, 14)
@@ -68,7 +68,7 @@ def _evaluate(tmp_path, reference, k=3, image=None, seg=None):
   wd, img = _workdir(tmp_path, image, seg)
   labels = None if reference is None else _save(tmp_path / 'ref.zarr', reference)
   if labels is not None:
-    evaluate.check_reference(labels)
+    scores.check_reference(labels)
   inputs = pipeline.Inputs(config=_config(k), image=img, labels=labels)
   out = evaluate.evaluate(inputs, str(wd))
   assert json.loads((wd / 'report.json').read_text()) == out
@@ -209,7 +209,7 @@ def test_non_integer_labels_are_refused_naming_the_first_bad_value(tmp_path):
   labels[9, 0, 0] = 2.25
   vol = _save(tmp_path / 'prob.zarr', labels)
   with pytest.raises(UserError, match=r'non-integer values \(the first: 1\.5 at voxel \(7, 2, 3\)'):
-    evaluate.check_reference(vol)
+    scores.check_reference(vol)
 
 
 def test_a_failing_figure_is_one_warning_and_a_note(tmp_path, monkeypatch, caplog):
