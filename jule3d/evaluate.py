@@ -9,7 +9,7 @@ streaming pass): the threshold and the foreground fraction, the share of the for
 got a label, the size of every segment of jule3d and of the baselines, the slices, the training
 record and the timings.
 
-`evaluate` writes report.json, report.md and figures/ (jule3d/report.py) into the workdir.
+`evaluate` writes report.json, report.md (jule3d/report.py) and figures/ (jule3d/figures.py).
 """
 
 import importlib.metadata
@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import numpy as np
 from absl import logging
 
-from jule3d import atropos, baselines, files, foreground, patches, report, scores, volume
+from jule3d import atropos, baselines, figures, files, foreground, patches, report, scores, volume
 from jule3d.errors import UserError
 from jule3d.workdir import BASELINES, HISTORY, REPORT_JSON, REPORT_MD, SEGMENTATION, TIMINGS
 
@@ -280,9 +280,9 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
     result = {}
     colouring, planes = {'nmi': {}, 'matching': summary['matching']}, None
   history = _read_json(os.path.join(workdir, HISTORY))
-  figures, figure_errors = {}, {}
+  drawn, figure_errors = {}, {}
   if c.evaluate.figures:
-    figures, figure_errors = report.write_figures(
+    drawn, figure_errors = figures.write_figures(
       workdir, inputs, {'jule3d': seg, **ready}, planes, colouring, names, history, classes
     )
   timings = _read_json(os.path.join(workdir, TIMINGS))
@@ -307,7 +307,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
       'segmentation': seg_path,
     },
     'baselines': computed,
-    'figures': figures,
+    'figures': drawn,
     'figures_error': figure_errors or None,
     'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
     'config': json.loads(c.to_json_best_effort()),

@@ -212,7 +212,7 @@ def test_write_phantom_writes_reads_back_and_skips_when_current(tmp_path, monkey
     raise AssertionError('regenerated although the outputs are current')
 
   with monkeypatch.context() as m:
-    m.setattr(phantom, 'make_phantom', fail)
+    m.setattr(phantom.store, 'make_phantom', fail)
     assert phantom.write_phantom(out, shape, 2, spacing=spacing) == paths
   # Another seed, or a missing store, regenerates.
   phantom.write_phantom(out, shape, 3, spacing=spacing)

@@ -8,7 +8,7 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from configs import base
-from jule3d import checks, evaluate, foreground, pipeline, report, scores, volume
+from jule3d import checks, evaluate, figures, foreground, pipeline, report, scores, volume
 from jule3d.errors import UserError
 
 SHAPE = (12, 10, 14)
@@ -160,7 +160,7 @@ def test_draw_slices_with_a_matched_class_absent_from_the_slices(tmp_path):
   scores = {'nmi': {'jule3d': 0.9}, 'matching': {'jule3d': {'1': 1, '2': 2, '3': 3}}}
   out = tmp_path / 'slices.png'
   planes = (ref > 0).sum(axis=(1, 2))
-  report.draw_slices(str(out), image, vols['ref'], {'jule3d': vols['pred']}, planes, scores, {})
+  figures.draw_slices(str(out), image, vols['ref'], {'jule3d': vols['pred']}, planes, scores, {})
   assert out.stat().st_size > 1000
 
 
@@ -179,7 +179,7 @@ def test_a_single_class_reference(tmp_path):
 
 
 def test_twelve_classes_each_get_their_own_colour(tmp_path):
-  colours = report._palette(12)
+  colours = figures._palette(12)
   assert len({tuple(np.round(c, 3)) for c in colours}) == 12
   assert all(c.max() > 0.3 for c in colours)  # none close to black (= label 0)
   image, bands = _bands(shape=(10, 8, 26), k=12)
@@ -216,7 +216,7 @@ def test_a_failing_figure_is_one_warning_and_a_note(tmp_path, monkeypatch, caplo
   def broken(*args, **kwargs):
     raise RuntimeError('cannot draw\nsecond line')
 
-  monkeypatch.setattr(report, 'draw_slices', broken)
+  monkeypatch.setattr(figures, 'draw_slices', broken)
   image, bands = _bands()
   wd, img = _workdir(tmp_path, image, bands)
   inputs = pipeline.Inputs(config=_config(), image=img, labels=_save(tmp_path / 'r.zarr', bands))
