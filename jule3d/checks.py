@@ -55,6 +55,23 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   Args:
     c: the full run config (configs/base.py layout).
   """
+  _check_data(c)
+  w, n_s = _check_patches(c)
+  _check_model(c, w)
+  _check_cluster(c, n_s)
+  _check_train(c)
+  _check_segment(c, w)
+  _check_distributed(c)
+  s = c.segment
+  _require(
+    s.feature_path in ('auto', 'dense', 'per_patch'),
+    'segment.feature_path',
+    s.feature_path,
+    "'auto', 'dense' or 'per_patch'",
+  )
+
+
+def _check_data(c: ml_collections.ConfigDict) -> None:
   _require(isinstance(c.seed, int), 'seed', c.seed, 'an integer')
   _require(
     c.data.foreground in ('above', 'below'),
@@ -106,6 +123,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     'a volume path (set --config.data.path=/path/to/volume)',
   )
 
+
+def _check_patches(c: ml_collections.ConfigDict) -> tuple[int, int]:
   w = _int_at_least(c, 'patches.patch_size', 1)
   _require(w % 2 == 1, 'patches.patch_size', w, 'an odd number (a patch needs a centre voxel)')
   n_s = _int_at_least(c, 'patches.num_patches', 2)
@@ -116,7 +135,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     c.patches.domain,
     "'foreground' or 'specimen'",
   )
+  return w, n_s
 
+
+def _check_model(c: ml_collections.ConfigDict, w: int) -> None:
   m = c.model
   _require(
     len(m.conv_features) == 3 and all(isinstance(f, int) and f >= 1 for f in m.conv_features),
@@ -155,6 +177,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
       "'auto' or 'im2col': the oneDNN extension is not built here (see the warning above)",
     )
 
+
+def _check_cluster(c: ml_collections.ConfigDict, n_s: int) -> None:
   cl = c.cluster
   num_c = _int_at_least(c, 'cluster.num_clusters', 1)
   _require(
@@ -178,6 +202,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     ' or '.join(repr(f) for f in INITIAL_FEATURES),
   )
 
+
+def _check_train(c: ml_collections.ConfigDict) -> None:
   t = c.train
   _int_at_least(c, 'train.epochs_per_period', 1)
   _int_at_least(c, 'train.batch_size', 2)
@@ -188,6 +214,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _require(t.weight_decay >= 0, 'train.weight_decay', t.weight_decay, 'a number >= 0')
   _require(t.margin >= 0, 'train.margin', t.margin, 'a number >= 0')
 
+
+def _check_segment(c: ml_collections.ConfigDict, w: int) -> None:
   s = c.segment
   stride = _int_at_least(c, 'segment.stride', 1)
   _require(
@@ -213,11 +241,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     ' or '.join(repr(f) for f in SEGMENT_FEATURES),
   )
   _require(
-    s.features != 'initial' or cl.initial_features == 'texture',
+    s.features != 'initial' or c.cluster.initial_features == 'texture',
     'segment.features',
     s.features,
     "'cnn' or 'intensity' with this cluster.initial_features ('initial' needs 'texture')",
   )
+
+
+def _check_distributed(c: ml_collections.ConfigDict) -> None:
   procs = _int_at_least(c, 'distributed.num_processes', 1)
   pid = _int_at_least(c, 'distributed.process_id', 0)
   _require(
@@ -238,10 +269,4 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     'distributed.coordinator',
     coord,
     "'host:port' of process 0 when num_processes > 1",
-  )
-  _require(
-    s.feature_path in ('auto', 'dense', 'per_patch'),
-    'segment.feature_path',
-    s.feature_path,
-    "'auto', 'dense' or 'per_patch'",
   )
