@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from sklearn.metrics import normalized_mutual_info_score
@@ -41,98 +42,13 @@ from jule3d import (
   merge,
   model,
   objective,
-  patches,
   progress,
+  samples,
   sharding,
   volume,
 )
 from jule3d.errors import UserError
 from jule3d.workdir import HISTORY
-
-
-@dataclasses.dataclass
-class TrainingData:
-  """The n_s training patches on the device, with what is needed to reproduce them."""
-
-  centres: np.ndarray  # [n_s, 3] int32
-  patches: jax.Array  # [n_s, w, w, w] float32, normalised
-  mean: float
-  std: float
-  truth: np.ndarray | None  # reference label at each centre (0 = not annotated), if configured
-
-
-def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> TrainingData:
-  """Samples (or re-reads) the training patches and normalises them with their own statistics.
-
-  With several processes the patches become one global array split by rows: each process reads
-  only the rows of its own devices, and the statistics are summed over the processes.
-
-  Args:
-    inputs: pipeline.Inputs.
-    centres: saved centres to re-read; None samples them from the config seed.
-    m: the device mesh (default: every device).
-
-  Returns:
-    TrainingData (patches on the devices: replicated, or split by rows over the processes).
-  """
-  c = inputs.config
-  w = c.patches.patch_size
-  if centres is None:
-    centres = patches.sample_centres(
-      inputs.image,
-      c.patches.num_patches,
-      w,
-      c.data.threshold,
-      c.data.foreground,
-      c.seed,
-      interior=inputs.interior,
-    )
-  m = m or sharding.mesh()
-  shape = (len(centres), w, w, w)
-  rows = sharding.row_sharding(m, len(centres))
-  if rows.is_fully_replicated:
-    raw = patches.read_patches(inputs.patch_source, centres, w)
-    mean, std = patches.patch_stats(raw)
-    normalised = jax.device_put(normalised_on_device(raw, mean, std), rows)
-  else:
-    mine = sharding.local_rows(shape, rows)
-    logging.info(
-      'process %d reads its %d of the %d training patches',
-      jax.process_index(),
-      len(mine),
-      len(centres),
-    )
-    raw = patches.read_patches(inputs.patch_source, centres[mine], w)
-    mean, std = patches.stats_from_sums(sharding.sum_over_processes(patches.patch_sums(raw)))
-    local = np.asarray(normalised_on_device(raw, mean, std))
-    normalised = sharding.put_rows(shape, rows, lambda r: local[np.searchsorted(mine, r)])
-  del raw
-  truth = None
-  if inputs.labels is not None:
-    # The reference lives on the input's grid (jule3d/working.py when the CNN sees a working copy).
-    at = centres if inputs.grid is None else inputs.grid.input_voxels(centres)
-    truth = np.asarray(
-      inputs.labels.store.vindex[at[:, 0], at[:, 1], at[:, 2]].read().result()
-    ).astype(np.int64)
-  return TrainingData(centres=centres, patches=normalised, mean=mean, std=std, truth=truth)
-
-
-def normalised_on_device(raw: np.ndarray, mean: float, std: float, chunk: int = 1024) -> jax.Array:
-  """patches.normalise(raw) on the default device, converted in chunks (bounded host memory).
-
-  Args:
-    raw: [N, ...] patches in the volume's dtype.
-    mean: normalisation mean.
-    std: normalisation std.
-    chunk: patches converted at once.
-
-  Returns:
-    Device array [N, ...] float32.
-  """
-  parts = [
-    jnp.asarray(patches.normalise(raw[i : i + chunk], mean, std)) for i in range(0, len(raw), chunk)
-  ]
-  return jnp.concatenate(parts) if parts else jnp.zeros((0,) + raw.shape[1:], jnp.float32)
 
 
 def patch_nmi(truth: np.ndarray | None, labels: np.ndarray) -> float | None:
@@ -256,6 +172,30 @@ def _open_run(inputs, workdir: str, fp: str, overwrite: bool, state_like, m):
   return checkpoint.manager(workdir, keep=keep), None
 
 
+@dataclasses.dataclass
+class _Run:
+  """One training run as it goes: what each step reads and updates, and each checkpoint saves."""
+
+  c: ml_collections.ConfigDict
+  workdir: str
+  fp: str  # the config's and the data's fingerprint (checkpoint.fingerprint)
+  data_id: str  # volume.identity of the input
+  mgr: Any  # the checkpoint manager
+  m: Any  # the device mesh
+  embed_fn: Any
+  epoch_step: Any
+  data: samples.TrainingData
+  state: Any  # objective.TrainState, replicated over the mesh
+  labels: np.ndarray | None  # cluster label per training patch (None before period 0)
+  period: int
+  partial: (
+    dict | None
+  )  # progress inside the current period: {'start', 'merges', 'epochs_done', ...}
+  history: dict
+  initial: np.ndarray | None = None  # period-0 features, when the no-learning reference has them
+  t0: float = 0.0  # start of the period's time not yet added to partial['seconds']
+
+
 def train(inputs, workdir: str, overwrite: bool = False) -> dict:
   """Runs (or resumes) phase 1 and returns the training history.
 
@@ -267,13 +207,26 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
   Returns:
     The history dict written to train_history.json.
   """
+  run = _start(inputs, workdir, overwrite)
+  if isinstance(run, dict):  # training was already complete
+    return run
+  while True:
+    run.t0 = time.time()
+    if run.partial is None:
+      _cluster(run)
+    _train_epochs(run)
+    if _end_period(run):
+      return run.history
+
+
+def _start(inputs, workdir: str, overwrite: bool):
+  """A new run, or the resumed one from the newest intact checkpoint; its history when done."""
   c = inputs.config
   data_id = volume.identity(inputs.input_volume)
   fp = checkpoint.fingerprint(c.to_dict(), data_id)
   net = model.build_model(c.model)
   tx = objective.make_optimizer(c.train)
   state = objective.create_train_state(net, tx, jax.random.PRNGKey(c.seed), c.patches.patch_size)
-  embed_fn = model.make_embed_fn(net)
   n_s = c.patches.num_patches
   m = sharding.mesh()
   mgr, resume = _open_run(inputs, workdir, fp, overwrite, state, m)
@@ -282,12 +235,10 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     if meta.get('done'):
       logging.info('training already complete in %s (checkpoint %d)', workdir, step)
       return meta['history']
-
-  partial = None  # progress inside the current period: {'start', 'merges', 'epochs_done', ...}
-  initial = None  # period-0 features, when the no-learning reference has already computed them
+  initial = None
   if resume is None:
     t0 = time.time()
-    data = load_training_data(inputs, m=m)
+    data = samples.load_training_data(inputs, m=m)
     logging.info(
       'sampled %d patches of %d^3 in %.1fs (mean %.4g, std %.4g)',
       n_s,
@@ -296,8 +247,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       data.mean,
       data.std,
     )
-    labels = None
-    period = 0
+    labels, period, partial = None, 0, None
     history = {'periods': [], 'nmi_patches_raw': None}
     if data.truth is not None:
       initial = features.initial_features(c, data.patches)  # period 0 clusters them too (below)
@@ -305,11 +255,9 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
   else:
-    data = load_training_data(inputs, centres=saved['centres'], m=m)
-    labels = saved['labels']
-    period = int(meta['period'])
-    partial = meta.get('partial')
-    history = meta['history']
+    data = samples.load_training_data(inputs, centres=saved['centres'], m=m)
+    labels, period = saved['labels'], int(meta['period'])
+    partial, history = meta.get('partial'), meta['history']
     logging.info(
       'resuming from checkpoint %d: period %d, epoch %d, %d clusters',
       step,
@@ -317,128 +265,157 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
       partial['epochs_done'] if partial else 0,
       labels.max() + 1,
     )
-
   # Data parallel over all devices: parameters replicated, each batch split, the resident patches
   # replicated (one process) or split by rows over the processes (jule3d/sharding.py). A no-op on
   # one device.
-  state = jax.device_put(state, sharding.replicated(m))
-  epoch_step = make_epoch_step(net, tx, c.train, m)
-  target = c.cluster.num_clusters
-  epochs = c.train.epochs_per_period
+  return _Run(
+    c=c,
+    workdir=workdir,
+    fp=fp,
+    data_id=data_id,
+    mgr=mgr,
+    m=m,
+    embed_fn=model.make_embed_fn(net),
+    epoch_step=make_epoch_step(net, tx, c.train, m),
+    data=data,
+    state=jax.device_put(state, sharding.replicated(m)),
+    labels=labels,
+    period=period,
+    partial=partial,
+    history=history,
+    initial=initial,
+  )
 
-  def save(done: bool) -> None:
-    # One checkpoint per epoch (named by the global SGD step), so a crash costs at most one epoch.
-    meta = {
-      'period': period,
-      'partial': partial,
-      'done': done,
-      'num_clusters': int(labels.max()) + 1,
-      'mean': data.mean,
-      'std': data.std,
-      'seed': c.seed,
-      'fingerprint': fp,
-      'data_identity': data_id,
-      'config': json.loads(c.to_json_best_effort()),
-      'history': history,
-    }
-    arrays = {'labels': labels.astype(np.int32), 'centres': data.centres}
-    checkpoint.save(mgr, int(state.step), state, arrays, meta)
 
-  while True:
-    t0 = time.time()
-    if partial is None:
-      start = None if labels is None else int(labels.max()) + 1
-      if start is not None and start <= target:
-        merges = 0  # the extra period on the final labels
-      else:
-        if period == 0:
-          feats = initial if initial is not None else features.initial_features(c, data.patches)
-          initial = None
-        else:
-          feats = features.extract_features(
-            embed_fn,
-            {'params': state.params, 'batch_stats': state.batch_stats},
-            data.patches,
-            c.segment.batch_size,
-          )
-        new, start = merge.cluster_period(
-          feats,
-          labels,
-          num_target=target,
-          unfolding_rate=c.cluster.unfolding_rate,
-          with_start=True,
-          **_cluster_kwargs(c),
-        )
-        merges = start - (int(new.max()) + 1)
-        labels = new
-      partial = {
-        'start': start,
-        'merges': merges,
-        'epochs_done': 0,
-        'loss_sum': 0.0,
-        'loss_count': 0,
-        'seconds': 0.0,
-      }
-    num_clusters = int(labels.max()) + 1
-    labels_dev = jax.device_put(jnp.asarray(labels, jnp.int32), sharding.replicated(m))
-    shown = progress.Progress(
-      f'period {period} ({num_clusters} clusters) training',
-      epochs,
-      'epochs',
-      every=0.0,
-      done=partial['epochs_done'],
+def _save(run: _Run, done: bool) -> None:
+  """One checkpoint per epoch (named by the global SGD step), so a crash costs at most one epoch."""
+  c = run.c
+  meta = {
+    'period': run.period,
+    'partial': run.partial,
+    'done': done,
+    'num_clusters': int(run.labels.max()) + 1,
+    'mean': run.data.mean,
+    'std': run.data.std,
+    'seed': c.seed,
+    'fingerprint': run.fp,
+    'data_identity': run.data_id,
+    'config': json.loads(c.to_json_best_effort()),
+    'history': run.history,
+  }
+  arrays = {'labels': run.labels.astype(np.int32), 'centres': run.data.centres}
+  checkpoint.save(run.mgr, int(run.state.step), run.state, arrays, meta)
+
+
+def _cluster(run: _Run) -> None:
+  """The period's merges (none in the extra period on the final labels): new labels, new partial."""
+  c = run.c
+  start = None if run.labels is None else int(run.labels.max()) + 1
+  if start is not None and start <= c.cluster.num_clusters:
+    merges = 0  # the extra period on the final labels
+  else:
+    if run.period == 0:
+      feats = (
+        run.initial if run.initial is not None else features.initial_features(c, run.data.patches)
+      )
+      run.initial = None
+    else:
+      feats = features.extract_features(
+        run.embed_fn,
+        {'params': run.state.params, 'batch_stats': run.state.batch_stats},
+        run.data.patches,
+        c.segment.batch_size,
+      )
+    new, start = merge.cluster_period(
+      feats,
+      run.labels,
+      num_target=c.cluster.num_clusters,
+      unfolding_rate=c.cluster.unfolding_rate,
+      with_start=True,
+      **_cluster_kwargs(c),
     )
-    for epoch in range(partial['epochs_done'], epochs):
-      te = time.time()
-      idx, valid = epoch_batches(n_s, c.train.batch_size, c.seed, period, epoch)
-      epoch_losses = []
-      for b in range(idx.shape[0]):
-        state, metrics = epoch_step(state, data.patches, labels_dev, idx[b], valid[b])
-        epoch_losses.append(metrics['loss'])
-      epoch_losses = np.asarray(jnp.stack(epoch_losses))
-      _check_finite(epoch_losses, period, int(state.step) - len(epoch_losses))
-      partial['epochs_done'] = epoch + 1
-      partial['loss_sum'] += float(epoch_losses.astype(np.float64).sum())
-      partial['loss_count'] += len(epoch_losses)
-      seconds = time.time() - te
-      done = f'loss {epoch_losses.mean():.4f}, lr {float(metrics["lr"]):.5f}, {seconds:.1f}s'
-      if shown.on:  # one line: the epoch's figures with the rate and the period's time left
-        rate = len(epoch_losses) * c.train.batch_size / max(seconds, 1e-9)
-        shown.update(epoch + 1, f'{done}, {rate:.0f} patches/s')
-      else:
-        logging.info(
-          'period %d epoch %d/%d: %d clusters, %s', period, epoch + 1, epochs, num_clusters, done
-        )
-      if epoch + 1 < epochs:
-        partial['seconds'] += time.time() - t0
-        t0 = time.time()
-        save(done=False)
-    entry = {
-      'period': period,
-      'clusters_start': partial['start'],
-      'clusters_end': num_clusters,
-      'merges': partial['merges'],
-      'epochs': epochs,
-      'loss_mean': partial['loss_sum'] / max(partial['loss_count'], 1),
-      'seconds': round(partial['seconds'] + time.time() - t0, 3),
-      'nmi_patches': patch_nmi(data.truth, labels),
-    }
-    history['periods'].append(entry)
-    done = num_clusters <= target and (entry['merges'] == 0 or not c.train.final_period)
-    period += 1
-    partial = None
-    save(done)
-    if sharding.is_primary():
-      files.write_json_atomic(os.path.join(workdir, HISTORY), history)
-    logging.info(
-      'period %d done: %d -> %d clusters (%d merges), loss %.4f, NMI %s, %.1fs',
-      entry['period'],
-      entry['clusters_start'],
-      num_clusters,
-      entry['merges'],
-      entry['loss_mean'],
-      entry['nmi_patches'],
-      entry['seconds'],
-    )
-    if done:
-      return history
+    merges = start - (int(new.max()) + 1)
+    run.labels = new
+  run.partial = {
+    'start': start,
+    'merges': merges,
+    'epochs_done': 0,
+    'loss_sum': 0.0,
+    'loss_count': 0,
+    'seconds': 0.0,
+  }
+
+
+def _train_epochs(run: _Run) -> None:
+  """The period's remaining epochs on its labels, a checkpoint after each but the last."""
+  c, partial = run.c, run.partial
+  epochs, num_clusters = c.train.epochs_per_period, int(run.labels.max()) + 1
+  labels_dev = jax.device_put(jnp.asarray(run.labels, jnp.int32), sharding.replicated(run.m))
+  shown = progress.Progress(
+    f'period {run.period} ({num_clusters} clusters) training',
+    epochs,
+    'epochs',
+    every=0.0,
+    done=partial['epochs_done'],
+  )
+  for epoch in range(partial['epochs_done'], epochs):
+    te = time.time()
+    idx, valid = epoch_batches(c.patches.num_patches, c.train.batch_size, c.seed, run.period, epoch)
+    epoch_losses = []
+    for b in range(idx.shape[0]):
+      run.state, metrics = run.epoch_step(run.state, run.data.patches, labels_dev, idx[b], valid[b])
+      epoch_losses.append(metrics['loss'])
+    epoch_losses = np.asarray(jnp.stack(epoch_losses))
+    _check_finite(epoch_losses, run.period, int(run.state.step) - len(epoch_losses))
+    partial['epochs_done'] = epoch + 1
+    partial['loss_sum'] += float(epoch_losses.astype(np.float64).sum())
+    partial['loss_count'] += len(epoch_losses)
+    seconds = time.time() - te
+    done = f'loss {epoch_losses.mean():.4f}, lr {float(metrics["lr"]):.5f}, {seconds:.1f}s'
+    if shown.on:  # one line: the epoch's figures with the rate and the period's time left
+      rate = len(epoch_losses) * c.train.batch_size / max(seconds, 1e-9)
+      shown.update(epoch + 1, f'{done}, {rate:.0f} patches/s')
+    else:
+      logging.info(
+        'period %d epoch %d/%d: %d clusters, %s', run.period, epoch + 1, epochs, num_clusters, done
+      )
+    if epoch + 1 < epochs:
+      partial['seconds'] += time.time() - run.t0
+      run.t0 = time.time()
+      _save(run, done=False)
+
+
+def _end_period(run: _Run) -> bool:
+  """Records the period, checkpoints it and writes the history; True when training is done."""
+  c, partial = run.c, run.partial
+  num_clusters = int(run.labels.max()) + 1
+  entry = {
+    'period': run.period,
+    'clusters_start': partial['start'],
+    'clusters_end': num_clusters,
+    'merges': partial['merges'],
+    'epochs': c.train.epochs_per_period,
+    'loss_mean': partial['loss_sum'] / max(partial['loss_count'], 1),
+    'seconds': round(partial['seconds'] + time.time() - run.t0, 3),
+    'nmi_patches': patch_nmi(run.data.truth, run.labels),
+  }
+  run.history['periods'].append(entry)
+  done = num_clusters <= c.cluster.num_clusters and (
+    entry['merges'] == 0 or not c.train.final_period
+  )
+  run.period += 1
+  run.partial = None
+  _save(run, done)
+  if sharding.is_primary():
+    files.write_json_atomic(os.path.join(run.workdir, HISTORY), run.history)
+  logging.info(
+    'period %d done: %d -> %d clusters (%d merges), loss %.4f, NMI %s, %.1fs',
+    entry['period'],
+    entry['clusters_start'],
+    num_clusters,
+    entry['merges'],
+    entry['loss_mean'],
+    entry['nmi_patches'],
+    entry['seconds'],
+  )
+  return done

@@ -8,7 +8,7 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from configs import base
-from jule3d import checks, evaluate, figures, foreground, pipeline, report, scores, volume
+from jule3d import checks, evaluate, figures, foreground, pipeline, scores, volume
 from jule3d.errors import UserError
 
 SHAPE = (12, 10, 14)

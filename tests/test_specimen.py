@@ -68,14 +68,14 @@ def test_cached_once_and_keyed_by_the_settings(ball, tmp_path, monkeypatch):
 
 def test_pipeline_reads_training_patches_from_the_masked_copy(tmp_path):
   from configs import smoke
-  from jule3d import pipeline, train
+  from jule3d import pipeline, samples
 
   c = smoke.get_config()
   c.patches.mask_outside = True
   c.patches.domain = 'foreground'  # masking alone (the 'specimen' domain is tested above)
   inputs = pipeline.resolve_inputs(c, str(tmp_path / 'w'), for_training=True)
   assert inputs.patch_source is inputs.content and inputs.content.path != inputs.image.path
-  data = train.load_training_data(inputs)
+  data = samples.load_training_data(inputs)
   raw = patches.read_patches(inputs.content, data.centres, c.patches.patch_size)
   np.testing.assert_allclose(np.asarray(data.patches), (raw - data.mean) / data.std, atol=1e-5)
   # The centres are still the image's foreground, and the copy differs from the image only where
