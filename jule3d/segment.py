@@ -275,10 +275,10 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     Summary dict (grid size, seconds per stage).
   """
   c = inputs.config
-  out_zarr = os.path.join(workdir, SEGMENTATION)
-  out_nii = os.path.join(workdir, SEGMENTATION_NIFTI)
-  out_nrrd = os.path.join(workdir, SEGMENTATION_NRRD)
-  for path in (out_zarr, out_nii, out_nrrd):
+  outputs = [
+    os.path.join(workdir, n) for n in (SEGMENTATION, SEGMENTATION_NIFTI, SEGMENTATION_NRRD)
+  ]
+  for path in outputs:
     if os.path.exists(path) and not overwrite:
       raise UserError(f'{path!r} already exists: pass --overwrite to replace it.')
   net, variables, meta = load_model(c, workdir)
@@ -302,6 +302,42 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     flops['per_patch'] / 1e6,
     flops['dense'] / 1e6,
   )
+  feats = _grid_features(inputs, workdir, net, variables, meta, centres, path)
+  if feats is None:
+    return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': jax.process_index()}
+  t_feat = time.time() - t0
+  labels = _grid_labels(c, centres, feats)
+  t_km = time.time() - t0 - t_feat
+  _write_outputs(inputs, workdir, outputs, centres, labels)
+  if c.segment.save_features:
+    with files.atomic_path(os.path.join(workdir, FEATURES), '.npz') as tmp:
+      np.savez(tmp, centres=centres, features=feats, labels=labels)
+  shutil.rmtree(os.path.join(workdir, SEGMENT_PROGRESS), ignore_errors=True)
+  summary = {
+    'grid_patches': int(len(centres)),
+    'feature_path': path,
+    'mflop_per_grid_patch': {k: round(flops[k] / 1e6, 3) for k in ('per_patch', 'dense')},
+    'features_s': round(t_feat, 3),
+    'kmeans_s': round(t_km, 3),
+    'write_s': round(time.time() - t0 - t_feat - t_km, 3),
+  }
+  logging.info('segmentation written to %s, %s and %s: %s', *outputs, summary)
+  return summary
+
+
+def _grid_features(inputs, workdir, net, variables, meta, centres, path: str):
+  """The grid's features on `path` ('dense' or 'per_patch') in resumable parts, or an ablation's.
+
+  Returns:
+    [M, D] float32 in the primary process; None in the others.
+  """
+  c = inputs.config
+  w, s = c.patches.patch_size, c.segment.stride
+  if c.segment.features != 'cnn':
+    logging.info('ablation: k-means on %s features instead of the CNN', c.segment.features)
+    return features.hand_made_features(
+      inputs, centres, c.segment.features, meta['mean'], meta['std']
+    )
   embed_fn = model.make_embed_fn(net)
 
   def compute(part: np.ndarray) -> np.ndarray:
@@ -337,20 +373,15 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     devices = jax.local_devices()
   else:  # the per-patch path already splits each batch over the local devices
     compute_on, devices = (lambda _: compute), [None]
-  if c.segment.features == 'cnn':
-    feats = features.features_by_parts(compute_on, devices, centres, progress, key, per_part, grid)
-  else:
-    logging.info('ablation: k-means on %s features instead of the CNN', c.segment.features)
-    feats = features.hand_made_features(
-      inputs, centres, c.segment.features, meta['mean'], meta['std']
-    )
-  if feats is None:
-    return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': jax.process_index()}
-  t_feat = time.time() - t0
+  return features.features_by_parts(compute_on, devices, centres, progress, key, per_part, grid)
+
+
+def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> np.ndarray:
+  """k-means of the grid features, then (segment.smoothing > 0) the Potts step on the grid."""
+  s = c.segment.stride
   labels, dist = kmeans_labels(
-    feats, k, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit
+    feats, c.segment.num_segments, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit
   )
-  sweeps = 0
   if c.segment.smoothing > 0:
     before = labels
     labels, sweeps = regularise.potts_icm(
@@ -362,9 +393,14 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
       sweeps,
       100.0 * np.mean(labels != before),
     )
-  t_km = time.time() - t0 - t_feat
-  img, out = inputs.image, inputs.input_volume
-  chunk = c.data.cache_chunk
+  return labels
+
+
+def _write_outputs(inputs, workdir: str, outputs, centres: np.ndarray, labels: np.ndarray) -> None:
+  """Paints the labels and writes segmentation.zarr, then its NIfTI and NRRD copies."""
+  out_zarr, out_nii, out_nrrd = outputs
+  c, img, out = inputs.config, inputs.image, inputs.input_volume
+  s, chunk = c.segment.stride, c.data.cache_chunk
   if inputs.grid is None:
     with volume.zarr_writer(out_zarr, img.shape, np.uint8, img.spacing, img.affine, chunk) as store:
       write_labels(store, inputs, centres, labels, s)
@@ -380,17 +416,3 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   # Without a file affine both outputs use diag(spacing) (RAS), so that they overlay each other.
   affine = out.affine if out.affine is not None else np.diag([*map(float, out.spacing), 1.0])
   volume.write_itk(out_nrrd, seg, out.spacing, affine)
-  if c.segment.save_features:
-    with files.atomic_path(os.path.join(workdir, FEATURES), '.npz') as tmp:
-      np.savez(tmp, centres=centres, features=feats, labels=labels)
-  shutil.rmtree(os.path.join(workdir, SEGMENT_PROGRESS), ignore_errors=True)
-  summary = {
-    'grid_patches': int(len(centres)),
-    'feature_path': path,
-    'mflop_per_grid_patch': {k: round(flops[k] / 1e6, 3) for k in ('per_patch', 'dense')},
-    'features_s': round(t_feat, 3),
-    'kmeans_s': round(t_km, 3),
-    'write_s': round(time.time() - t0 - t_feat - t_km, 3),
-  }
-  logging.info('segmentation written to %s, %s and %s: %s', out_zarr, out_nii, out_nrrd, summary)
-  return summary
