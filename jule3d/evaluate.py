@@ -239,19 +239,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
   t0 = time.time()
   c = inputs.config
   img, labels = _input_image(inputs), inputs.labels
-  seg_path = os.path.join(workdir, SEGMENTATION)
-  if not os.path.isdir(seg_path):
-    raise UserError(f'{seg_path!r} does not exist: run --mode=segment first (or --mode=all).')
-  seg = volume.open_volume(seg_path, name='segmentation')
-  for what, vol in (('segmentation', seg), ('config.data.labels', labels)):
-    if vol is not None and vol.shape != img.shape:
-      raise UserError(
-        f'{what} {vol.path!r} has shape {vol.shape}, the image {img.shape}: label volumes '
-        'must match the image voxel for voxel (was the segmentation made from another image?).'
-      )
-  k = int(c.segment.num_segments)
-  if not 1 <= k <= 255:
-    raise UserError(f'config.segment.num_segments = {k}: expected 1..255 (uint8 labels).')
+  seg = _open_segmentation(inputs, workdir, img)
   tables = {}
   if labels is not None:
     with volume.read_errors(seg):  # our own output, damaged on disk: rerun --mode=segment
@@ -295,17 +283,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
     'coverage': summary['coverage'],
     'segments': {m: summary['segments'].get(m) for m in METHODS},
     'timing_s': {'train': timings.get('train'), 'segment': timings.get('segment'), **timings},
-    'volume': {
-      'path': img.path,
-      'shape': list(img.shape),
-      'spacing': list(img.spacing),
-      'affine': None if img.affine is None else np.asarray(img.affine).tolist(),
-      'geometry': getattr(img, 'geometry', None),  # where the spacing came from (volume.geometry)
-      'working_grid': _working_grid(inputs, img),
-      'dtype': str(img.dtype),
-      'labels': labels.path if labels is not None else None,
-      'segmentation': seg_path,
-    },
+    'volume': _volume_record(inputs, img, seg),
     'baselines': computed,
     'figures': drawn,
     'figures_error': figure_errors or None,
@@ -314,18 +292,58 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
     'versions': versions(),
     'train_history': history,
   }
+  _write_report(workdir, out, timings)
+  return out
+
+
+def _open_segmentation(inputs, workdir: str, img):
+  """WORKDIR/segmentation.zarr, checked against the image (and the reference) voxel for voxel."""
+  c, labels = inputs.config, inputs.labels
+  seg_path = os.path.join(workdir, SEGMENTATION)
+  if not os.path.isdir(seg_path):
+    raise UserError(f'{seg_path!r} does not exist: run --mode=segment first (or --mode=all).')
+  seg = volume.open_volume(seg_path, name='segmentation')
+  for what, vol in (('segmentation', seg), ('config.data.labels', labels)):
+    if vol is not None and vol.shape != img.shape:
+      raise UserError(
+        f'{what} {vol.path!r} has shape {vol.shape}, the image {img.shape}: label volumes '
+        'must match the image voxel for voxel (was the segmentation made from another image?).'
+      )
+  k = int(c.segment.num_segments)
+  if not 1 <= k <= 255:
+    raise UserError(f'config.segment.num_segments = {k}: expected 1..255 (uint8 labels).')
+  return seg
+
+
+def _volume_record(inputs, img, seg) -> dict:
+  """What report.json says of the input: path, shape, geometry, working grid, labels, output."""
+  labels = inputs.labels
+  return {
+    'path': img.path,
+    'shape': list(img.shape),
+    'spacing': list(img.spacing),
+    'affine': None if img.affine is None else np.asarray(img.affine).tolist(),
+    'geometry': getattr(img, 'geometry', None),  # where the spacing came from (volume.geometry)
+    'working_grid': _working_grid(inputs, img),
+    'dtype': str(img.dtype),
+    'labels': labels.path if labels is not None else None,
+    'segmentation': seg.path,
+  }
+
+
+def _write_report(workdir: str, out: dict, timings: dict) -> None:
+  """report.json, report.md and the timings, each atomically; one log line."""
   files.write_json_atomic(os.path.join(workdir, REPORT_JSON), out)
   files.write_text_atomic(os.path.join(workdir, REPORT_MD), report.markdown(out))
   files.write_json_atomic(os.path.join(workdir, TIMINGS), timings)
-  cov = summary['coverage']['labelled_fraction']
+  cov = out['coverage']['labelled_fraction']
   logging.info(
     '%slabelled %s of the %d foreground voxels; report in %s',
     f'NMI {out["nmi"]}; ' if 'nmi' in out else 'no reference labels (no NMI); ',
     '-' if cov is None else f'{cov:.1%}',
-    summary['coverage']['foreground_voxels'],
+    out['coverage']['foreground_voxels'],
     os.path.join(workdir, REPORT_MD),
   )
-  return out
 
 
 def _scores(tables: dict, names: dict, computed: dict) -> dict:
