@@ -136,24 +136,7 @@ def _entries(workdir: str) -> set[str]:
 
 
 def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
-  if not config.data.path and config.data.builtin == 'mni152':
-    from jule3d import datasets
-
-    paths = datasets.prepare_mni152(os.path.join(workdir, MNI152))
-    config.data.path = paths['image']
-    config.data.labels = config.data.labels or paths['labels']
-  elif not config.data.path:
-    from jule3d import phantom
-
-    paths = phantom.write_phantom(
-      os.path.join(workdir, PHANTOM),
-      tuple(config.data.phantom_shape),
-      config.data.phantom_seed,
-      **({'spacing': tuple(config.data.spacing)} if config.data.spacing else {}),
-    )
-    config.data.path = paths['image']
-    if not config.data.labels:
-      config.data.labels = paths['labels']
+  _resolve_source(config, workdir)
   cache = os.path.join(workdir, CACHE)
   d = config.data
   # The file's geometry is the truth: data.spacing only fills in a missing one (or replaces it with
@@ -177,17 +160,7 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
       tuple(d.expected_shape),
       d.threshold,
     )
-  labels = None
-  if d.labels:
-    labels = volume.open_volume(
-      d.labels, cache_dir=cache, chunk=d.cache_chunk, name='data.labels', **geometry
-    )
-    if labels.shape != image.shape:
-      raise UserError(
-        f'config.data.labels {d.labels!r} has shape {labels.shape}, but the image has shape '
-        f'{image.shape}: the label volume must match the image voxel for voxel.'
-      )
-    volume.check_same_grid(image, labels, name='data.labels')
+  labels = _open_labels(d, image, cache, geometry)
   logging.info(
     'volume %s: shape %s, %s, spacing %s (from: %s)',
     d.path,
@@ -204,6 +177,65 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     logging.info('working grid: %s', working.describe(grid, image.spacing))
     with volume.read_errors(image):
       original, image = image, working.working_volume(image, grid, cache, d.cache_chunk)
+  content, interior = _specimen_parts(config, image, cache)
+  return Inputs(
+    config=config,
+    image=image,
+    labels=labels,
+    content=content,
+    interior=interior,
+    original=original,
+    grid=grid,
+  )
+
+
+def _resolve_source(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Fills in data.path (and data.labels) for a built-in input.
+
+  The rule: data.path, when set, is the input. Without it, data.builtin='mni152' is the MNI152
+  template (labels: its tissue maps); without either, data.phantom_shape is the built-in phantom of
+  that shape and data.phantom_seed (labels: its ground truth). A data.labels given by the user is
+  kept in both cases.
+  """
+  if not config.data.path and config.data.builtin == 'mni152':
+    from jule3d import datasets
+
+    paths = datasets.prepare_mni152(os.path.join(workdir, MNI152))
+    config.data.path = paths['image']
+    config.data.labels = config.data.labels or paths['labels']
+  elif not config.data.path:
+    from jule3d import phantom
+
+    paths = phantom.write_phantom(
+      os.path.join(workdir, PHANTOM),
+      tuple(config.data.phantom_shape),
+      config.data.phantom_seed,
+      **({'spacing': tuple(config.data.spacing)} if config.data.spacing else {}),
+    )
+    config.data.path = paths['image']
+    if not config.data.labels:
+      config.data.labels = paths['labels']
+
+
+def _open_labels(d, image, cache: str, geometry: dict):
+  """data.labels opened under the image's geometry rules and checked to lie on its grid."""
+  labels = None
+  if d.labels:
+    labels = volume.open_volume(
+      d.labels, cache_dir=cache, chunk=d.cache_chunk, name='data.labels', **geometry
+    )
+    if labels.shape != image.shape:
+      raise UserError(
+        f'config.data.labels {d.labels!r} has shape {labels.shape}, but the image has shape '
+        f'{image.shape}: the label volume must match the image voxel for voxel.'
+      )
+    volume.check_same_grid(image, labels, name='data.labels')
+  return labels
+
+
+def _specimen_parts(config: ml_collections.ConfigDict, image, cache: str):
+  """(masked copy or None, interior or None) as patches.mask_outside and patches.domain ask."""
+  d = config.data
   content = interior = None
   if config.patches.mask_outside or config.patches.domain == 'specimen':
     from jule3d import specimen
@@ -216,15 +248,7 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
         content = specimen.masked_volume(
           image, d.threshold, d.foreground, block, cache, d.cache_chunk, known=interior
         )
-  return Inputs(
-    config=config,
-    image=image,
-    labels=labels,
-    content=content,
-    interior=interior,
-    original=original,
-    grid=grid,
-  )
+  return content, interior
 
 
 def _check_enough_centres(inputs: Inputs) -> None:
