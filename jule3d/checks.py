@@ -44,9 +44,9 @@ def conv_output_size(patch_size: int, kernel_size: int, pool_size: int) -> int:
   Returns:
     The output edge (<= 0 when the patch is too small for the network).
   """
-  edge = patch_size - kernel_size + 1
-  edge = edge // pool_size
-  return edge - 2 * (kernel_size - 1)
+  from jule3d import model
+
+  return model.edges(patch_size, kernel_size, pool_size)[3]
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:

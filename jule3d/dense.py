@@ -39,32 +39,10 @@ _DEFAULT_MEMORY_MB = 384
 
 
 @dataclasses.dataclass(frozen=True)
-class _Net:
-  """The hyper-parameters the dense evaluation needs (hashable: part of the jit key)."""
-
-  conv_features: tuple[int, ...]
-  kernel_size: int
-  pool_size: int
-  hidden_dim: int
-  embed_dim: int
-  bn_epsilon: float
-  impl: str  # 'xla' or 'im2col'
-  dtype: str
-  patch_size: int
-
-  def edges(self) -> tuple[int, int, int, int]:
-    """Per-patch edges: conv1 output, pooled, conv2 output, conv3 output."""
-    k, p, w = self.kernel_size, self.pool_size, self.patch_size
-    e1 = w - k + 1
-    e2 = e1 // p
-    return e1, e2, e2 - k + 1, e2 - 2 * (k - 1)
-
-
-@dataclasses.dataclass(frozen=True)
 class _Block:
   """A block of t[a] lattice points per axis, spaced `step` voxels."""
 
-  net: _Net
+  net: model.NetSpec
   step: int
   t: tuple[int, int, int]
 
@@ -78,24 +56,6 @@ class _Block:
     i = np.arange(self.t[axis])
     q = self.step * i
     return [(r, i[q % p == r], (q[q % p == r] - r) // p) for r in range(p) if np.any(q % p == r)]
-
-
-def _net_of(net: model.JuleCNN, patch_size: int) -> _Net:
-  return _Net(
-    conv_features=tuple(int(f) for f in net.conv_features),
-    kernel_size=int(net.kernel_size),
-    pool_size=int(net.pool_size),
-    hidden_dim=int(net.hidden_dim),
-    embed_dim=int(net.embed_dim),
-    bn_epsilon=float(net.bn_epsilon),
-    impl=convolution.resolve_conv_impl(str(net.conv_impl), str(net.dtype)),
-    dtype=str(net.dtype),
-    patch_size=int(patch_size),
-  )
-
-
-def _net_of_cfg(model_cfg: ml_collections.ConfigDict, patch_size: int) -> _Net:
-  return _net_of(model.build_model(model_cfg), patch_size)
 
 
 def _block_cost(b: _Block) -> tuple[int, int]:
@@ -136,7 +96,7 @@ def _block_cost(b: _Block) -> tuple[int, int]:
 
 
 def _plan(
-  n: _Net, step: int, grid: tuple[int, int, int], memory_mb: float, slab_planes: int | None
+  n: model.NetSpec, step: int, grid: tuple[int, int, int], memory_mb: float, slab_planes: int | None
 ) -> _Block:
   """The largest block (whole Y/X rows first, then fewer planes) whose estimate fits the budget."""
   budget = memory_mb * 2**20
@@ -286,9 +246,8 @@ def block_planes(
   Returns:
     The block's extent in grid planes along axis 0.
   """
-  h = patch_size // 2
-  grid = tuple(int(-(-(s - 2 * h) // stride)) for s in shape)
-  return int(_plan(_net_of(net, patch_size), stride, grid, memory_mb, None).t[0])
+  grid = patches.grid_shape(shape, patch_size, stride)
+  return int(_plan(model.net_spec(net, patch_size), stride, grid, memory_mb, None).t[0])
 
 
 def dense_grid_features(
@@ -331,28 +290,43 @@ def dense_grid_features(
   """
   centres = np.asarray(centres)
   _check(volume, centres, patch_size, std)
-  n = _net_of(net, patch_size)
+  n = model.net_spec(net, patch_size)
   if len(centres) == 0:
     return np.zeros((0, n.embed_dim), np.float32)
   h = patch_size // 2
   step = _lattice_step(centres, h, stride)
-  grid = tuple(int(-(-(s - 2 * h) // step)) for s in volume.shape)
+  grid = patches.grid_shape(volume.shape, patch_size, step)
   block = _plan(n, step, grid, memory_mb, slab_planes)
-  t = np.asarray(block.t)
+  bidx, local_flat, groups = _block_groups(centres, h, step, block.t, grid)
+  feats = np.empty((len(centres), n.embed_dim), np.float32)
+  _run_blocks(volume, block, variables, step, bidx, local_flat, groups, mean, std, feats)
+  return feats
+
+
+def _block_groups(centres: np.ndarray, h: int, step: int, t, grid):
+  """Which block holds each centre, its row in the block's output, and the centres per block.
+
+  Returns:
+    (bidx [M, 3] block index, local_flat [M] raster row within the block, groups: index arrays of
+    the centres of each block in block raster order).
+  """
+  t = np.asarray(t)
   lat = (centres.astype(np.int64) - h) // step
   bidx = lat // t
   local = lat % t
   local_flat = (local[:, 0] * t[1] + local[:, 1]) * t[2] + local[:, 2]
-  nb = [-(-g // tt) for g, tt in zip(grid, block.t, strict=True)]
+  nb = [-(-g // tt) for g, tt in zip(grid, t.tolist(), strict=True)]
   bflat = (bidx[:, 0] * nb[1] + bidx[:, 1]) * nb[2] + bidx[:, 2]
   order = np.argsort(bflat, kind='stable')
   cuts = np.flatnonzero(np.diff(bflat[order])) + 1
-  groups = np.split(order, cuts)
+  return bidx, local_flat, np.split(order, cuts)
+
+
+def _run_blocks(volume, block, variables, step, bidx, local_flat, groups, mean, std, feats) -> None:
+  """Every block's features into `feats`, slab by slab along axis 0 with the next slab in flight."""
   shape_in = block.in_shape()
   span = [tt * step for tt in block.t]  # voxels between consecutive blocks' first corners
   mean32, std32 = np.float32(mean), np.float32(std)
-  feats = np.empty((len(centres), n.embed_dim), np.float32)
-
   slabs = sorted({int(bidx[g[0], 0]) for g in groups})
 
   def read(bz):
@@ -385,7 +359,6 @@ def dense_grid_features(
       feats[g] = np.asarray(out)[local_flat[g]]
   for g, out in results:
     feats[g] = np.asarray(out)[local_flat[g]]
-  return feats
 
 
 def flops_per_grid_patch(
@@ -412,9 +385,8 @@ def flops_per_grid_patch(
     {'per_patch': FLOPs, 'dense': FLOPs, 'grid_patches': number of grid points, 'block': the dense
     block's lattice points per axis}.
   """
-  n = _net_of_cfg(model_cfg, patch_size)
-  h = patch_size // 2
-  grid = tuple(max(0, -(-(s - 2 * h) // stride)) for s in shape)
+  n = model.net_spec_of_config(model_cfg, patch_size)
+  grid = patches.grid_shape(shape, patch_size, stride)
   total = math.prod(grid)
   per_patch = float(model.flops_per_patch(model_cfg, patch_size))
   if total == 0:

@@ -5,6 +5,7 @@ With dtype 'bfloat16' activations and kernels are cast to bfloat16 for the convo
 layers, which accumulate and return float32; parameters, BatchNorm and the output stay float32.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -225,6 +226,56 @@ def init_variables(model: JuleCNN, rng: jax.Array, patch_size: int) -> dict[str,
     return {'params': jax.tree.unflatten(treedef, leaves), 'batch_stats': stats}
 
   return jax.jit(draw)(rng)
+
+
+def edges(patch_size: int, kernel_size: int, pool_size: int) -> tuple[int, int, int, int]:
+  """The layer layout's per-patch edges (method §2; VALID): conv1 out, pooled, conv2 out, conv3 out.
+
+  The one description of the network's geometry: the dense path, the config checks and the layer
+  shapes all derive from it (the last edge is <= 0 when the patch is too small for the network).
+  """
+  e1 = patch_size - kernel_size + 1
+  e2 = e1 // pool_size
+  return e1, e2, e2 - kernel_size + 1, e2 - 2 * (kernel_size - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetSpec:
+  """The network's hyper-parameters for one patch size (hashable: a jit key of the dense path)."""
+
+  conv_features: tuple[int, ...]
+  kernel_size: int
+  pool_size: int
+  hidden_dim: int
+  embed_dim: int
+  bn_epsilon: float
+  impl: str  # 'xla' or 'im2col'
+  dtype: str
+  patch_size: int
+
+  def edges(self) -> tuple[int, int, int, int]:
+    """Per-patch edges: conv1 output, pooled, conv2 output, conv3 output (edges)."""
+    return edges(self.patch_size, self.kernel_size, self.pool_size)
+
+
+def net_spec(net: JuleCNN, patch_size: int) -> NetSpec:
+  """The NetSpec of a built network (its conv_impl resolved for this backend)."""
+  return NetSpec(
+    conv_features=tuple(int(f) for f in net.conv_features),
+    kernel_size=int(net.kernel_size),
+    pool_size=int(net.pool_size),
+    hidden_dim=int(net.hidden_dim),
+    embed_dim=int(net.embed_dim),
+    bn_epsilon=float(net.bn_epsilon),
+    impl=resolve_conv_impl(str(net.conv_impl), str(net.dtype)),
+    dtype=str(net.dtype),
+    patch_size=int(patch_size),
+  )
+
+
+def net_spec_of_config(model_cfg: ml_collections.ConfigDict, patch_size: int) -> NetSpec:
+  """The NetSpec of `config.model`."""
+  return net_spec(build_model(model_cfg), patch_size)
 
 
 def layer_shapes(model_cfg: ml_collections.ConfigDict, patch_size: int) -> list[tuple[str, tuple]]:

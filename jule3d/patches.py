@@ -205,6 +205,12 @@ def sample_centres(
   return out
 
 
+def grid_shape(shape: tuple[int, ...], patch_size: int, stride: int) -> tuple[int, ...]:
+  """Grid points per axis of the stride grid (the lengths of grid_axes), 0 where none fits."""
+  h = patch_size // 2
+  return tuple(max(0, -(-(int(s) - 2 * h) // stride)) for s in shape)
+
+
 def grid_axes(shape: tuple[int, ...], patch_size: int, stride: int) -> list[np.ndarray]:
   """Candidate grid coordinates per axis: every `stride` voxels from the first valid centre.
 
