@@ -123,6 +123,29 @@ def _add(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
   return total
 
 
+def _segment_sizes(n: np.ndarray) -> dict:
+  """A method's label counts (n[v] voxels of label v) as report.json's 'segments' entry."""
+  done = int(n[1:].sum())
+  return {
+    'labelled_voxels': done,
+    'unlabelled_voxels': int(n[0]),
+    'sizes': [
+      {'label': int(v), 'voxels': int(n[v]), 'fraction': int(n[v]) / done}
+      for v in np.flatnonzero(n[1:]) + 1
+    ],
+  }
+
+
+def _matching(segments: dict, cross: dict) -> dict:
+  """jule3d's labels onto themselves, every other method's by its Hungarian match to jule3d's."""
+  matching = {'jule3d': {str(s['label']): s['label'] for s in segments['jule3d']['sizes']}}
+  for name, counts in cross.items():
+    matching[name] = {
+      str(p): r for p, r in scores.match_labels(scores.to_table(counts, np.zeros(0))).items()
+    }
+  return matching
+
+
 def summarise(
   inputs, predictions: Mapping, *, slab_depth: int | None = None, match: bool = True
 ) -> dict:
@@ -181,22 +204,8 @@ def summarise(
         for name in cross:
           scores.accumulate(cross[name], r, got[name][mask].astype(np.int64))
   total = math.prod(shape)
-  segments = {}
-  for name, n in sizes.items():
-    done = int(n[1:].sum())
-    segments[name] = {
-      'labelled_voxels': done,
-      'unlabelled_voxels': int(n[0]),
-      'sizes': [
-        {'label': int(v), 'voxels': int(n[v]), 'fraction': int(n[v]) / done}
-        for v in np.flatnonzero(n[1:]) + 1
-      ],
-    }
-  matching = {'jule3d': {str(s['label']): s['label'] for s in segments['jule3d']['sizes']}}
-  for name, counts in cross.items():
-    matching[name] = {
-      str(p): r for p, r in scores.match_labels(scores.to_table(counts, np.zeros(0))).items()
-    }
+  segments = {name: _segment_sizes(n) for name, n in sizes.items()}
+  matching = _matching(segments, cross)
   return {
     'threshold': {
       'value': thr,

@@ -206,7 +206,6 @@ def draw_slices(path, image, reference, predictions, planes, scores, names, *, c
     classes: every reference class, also those absent from the drawn slices.
   """
   from matplotlib.figure import Figure
-  from matplotlib.patches import Patch
 
   planes = np.zeros(image.shape[0], np.int64) if planes is None else np.asarray(planes)
   pos = slice_positions(image.shape, planes)
@@ -225,13 +224,7 @@ def draw_slices(path, image, reference, predictions, planes, scores, names, *, c
     m: {int(v) for cut in cs for v in np.unique(cut) if v > 0} for m, cs in labels.items()
   }
   in_refs = set() if refs is None else {int(v) for r in refs for v in np.unique(r) if v > 0}
-  every = {int(c) for c in classes} | set(names) | in_refs
-  every |= {r for match in matching.values() for r in match.values()}
-  colour = dict(zip(sorted(every), _palette(len(every)), strict=True))
-  extra = {}  # method -> {unmatched label: colour}, the same in all three rows
-  for m, values in shown_values.items():
-    unmatched = sorted(values - set(matching[m]))
-    extra[m] = dict(zip(unmatched, _palette(len(unmatched), pale=True), strict=True))
+  colour, extra = _colours(classes, names, in_refs, matching, shown_values)
   sp = image.spacing
   # Rows as tall as their slices (in physical units) so elongated volumes waste no space.
   extent = [(image.shape[r] * sp[r], image.shape[c] * sp[c]) for r, c in _AXES]
@@ -273,8 +266,27 @@ def draw_slices(path, image, reference, predictions, planes, scores, names, *, c
   drawn = in_refs | {
     matching[m][v] for m, vs in shown_values.items() for v in vs if v in matching[m]
   }
-  drawn = sorted(drawn)
-  if refs is None:
+  _legend(fig, sorted(drawn), colour, extra, refs is not None, names)
+  _save(fig, path)
+
+
+def _colours(classes, names, in_refs, matching, shown_values):
+  """A colour per class, and per method a pale one per label matched to no class (all rows)."""
+  every = {int(c) for c in classes} | set(names) | in_refs
+  every |= {r for match in matching.values() for r in match.values()}
+  colour = dict(zip(sorted(every), _palette(len(every)), strict=True))
+  extra = {}  # method -> {unmatched label: colour}, the same in all three rows
+  for m, values in shown_values.items():
+    unmatched = sorted(values - set(matching[m]))
+    extra[m] = dict(zip(unmatched, _palette(len(unmatched), pale=True), strict=True))
+  return colour, extra
+
+
+def _legend(fig, drawn, colour, extra, has_reference: bool, names) -> None:
+  """The legend under the panels (the drawn classes, the pale labels, 0) and the figure title."""
+  from matplotlib.patches import Patch
+
+  if not has_reference:
     text = lambda c: f'jule3d segment {c}'
   else:
     text = lambda c: f'{c}: {names.get(c, f"class {c}")}'
@@ -282,16 +294,15 @@ def draw_slices(path, image, reference, predictions, planes, scores, names, *, c
   if len(drawn) > _LEGEND_MAX:
     handles.append(Patch(color='w', label=f'... and {len(drawn) - _LEGEND_MAX} more'))
   if any(extra.values()):
-    what = 'class' if refs is not None else 'jule3d segment'
+    what = 'class' if has_reference else 'jule3d segment'
     handles.append(Patch(color=_EXTRA_COLOURS[0], label=f'labels matched to no {what} (pale)'))
-  zero = '0: not annotated / not covered / background' if refs is not None else '0: not labelled'
+  zero = '0: not annotated / not covered / background' if has_reference else '0: not labelled'
   handles.append(Patch(color='k', label=zero))
   fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 3), fontsize=10)
-  if refs is None:
+  if not has_reference:
     fig.suptitle('No reference: baselines recoloured by their Hungarian match to jule3d segments')
   else:
     fig.suptitle('Colours: each prediction recoloured by its Hungarian match to the reference')
-  _save(fig, path)
 
 
 def draw_training(path: str, history: dict) -> None:
