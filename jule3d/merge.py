@@ -136,10 +136,8 @@ def _join_blocks(order, start, m, r, size_m, size_r):
   return order, jnp.where((start >= lo) & (start < sr), start + size_r, start)
 
 
-@functools.partial(jax.jit, static_argnames=('num_slots', 'k_c', 'chunks'))
-def _merge_loop(x, idx, w, lab, num_merges, lam, *, num_slots: int, k_c: int, chunks):
-  p = num_slots
-  member_chunk, row_chunk = chunks
+def _initial_state(x, idx, w, lab, p: int, k_c: int, member_chunk: int) -> _Loop:
+  """The loop's state before the first merge: affinities, top-K_c caches, member blocks."""
   n = lab.shape[0]
   slots = jnp.arange(p)
   a_us = graph._gdl_unnormalised(idx, w, lab, p)
@@ -153,7 +151,16 @@ def _merge_loop(x, idx, w, lab, num_merges, lam, *, num_slots: int, k_c: int, ch
   order = jnp.argsort(lab, stable=True).astype(jnp.int32)
   order = jnp.concatenate([order, jnp.full(member_chunk, n, jnp.int32)])  # chunks never clamp
   start = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
-  init = _Loop(jnp.int32(0), lab, lab[idx], order, start, sizes, fsum, a_us, aff, top_v, top_i, log)
+  return _Loop(jnp.int32(0), lab, lab[idx], order, start, sizes, fsum, a_us, aff, top_v, top_i, log)
+
+
+@functools.partial(jax.jit, static_argnames=('num_slots', 'k_c', 'chunks'))
+def _merge_loop(x, idx, w, lab, num_merges, lam, *, num_slots: int, k_c: int, chunks):
+  # One traced while-loop; `step` is a closure over the loop's static sizes and the graph.
+  p = num_slots
+  member_chunk, row_chunk = chunks
+  slots = jnp.arange(p)
+  init = _initial_state(x, idx, w, lab, p, k_c, member_chunk)
 
   def step(st: _Loop) -> _Loop:
     active = st.sizes > 0
