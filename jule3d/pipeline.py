@@ -60,6 +60,7 @@ def resolve_inputs(
   for_training: bool = False,
   for_segmenting: bool = False,
   created: bool | None = None,
+  validated: bool = False,
 ) -> Inputs:
   """Validates the config, generates the phantom if asked, opens and checks the volumes.
 
@@ -71,6 +72,7 @@ def resolve_inputs(
       foreground patches (so that `--mode=all` does not find out only after training).
     created: whether the caller created `workdir` for this run (then bad input removes it again);
       default: whether it does not exist yet.
+    validated: the caller has already run checks.validate_config on `config` (pipeline.run).
 
   Returns:
     Inputs with config.data.path (and labels) resolved, and config.data.threshold a number ('otsu'
@@ -79,7 +81,8 @@ def resolve_inputs(
   Raises:
     UserError: any bad field or input, before expensive work.
   """
-  checks.validate_config(config)
+  if not validated:
+    checks.validate_config(config)
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
   existed = os.path.isdir(workdir) if created is None else not created
   _make_workdir(workdir)
@@ -326,6 +329,7 @@ def _run(config, workdir: str, mode: str, overwrite: bool, created: bool | None)
       for_training=mode in ('all', 'train'),
       for_segmenting=mode in ('all', 'segment'),
       created=created,
+      validated=True,  # run() did, before starting the processes
     )
 
   # Several processes share the workdir: the primary generates or converts the inputs and clears
