@@ -28,7 +28,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from bench.common import cpu_model, peak_rss_mb, put_section  # noqa: E402
+from bench.common import (  # noqa: E402
+  allocator_env,
+  command_line,
+  cpu_model,
+  peak_rss_mb,
+  put_section,
+)
 from configs import base  # noqa: E402
 from jule3d import model as model_lib  # noqa: E402
 from jule3d import objective  # noqa: E402
@@ -163,11 +169,7 @@ def run(args: argparse.Namespace) -> str:
   load_end = os.getloadavg()[0]
   rss = peak_rss_mb()
 
-  env = ', '.join(
-    f'{name}={os.environ[name]}'
-    for name in ('GLIBC_TUNABLES', 'LD_PRELOAD')
-    if os.environ.get(name)
-  )
+  env = allocator_env(', ')
   versions = (
     f'jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, '
     f'numpy {np.__version__}, Python {platform.python_version()}'
@@ -209,13 +211,7 @@ def main() -> None:
   p.add_argument('--no-write', action='store_true', help='do not update BENCHMARKS.md')
   p.add_argument('--write', action='store_true', help='update BENCHMARKS.md (the default)')
   args = p.parse_args()
-  flags = ' '.join(a for a in sys.argv[1:] if a not in ('--write', '--no-write'))
-  env = ' '.join(
-    f'{name}={os.environ[name]}'
-    for name in ('GLIBC_TUNABLES', 'LD_PRELOAD')
-    if os.environ.get(name)
-  )
-  args.command = ' '.join(x for x in (env, '.venv/bin/python bench/bench_cnn.py', flags) if x)
+  args.command = command_line('bench_cnn.py')
   section = run(args)
   print()
   print(section)

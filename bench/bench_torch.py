@@ -459,7 +459,7 @@ def run(args: argparse.Namespace) -> str:
   import jax
 
   from bench.bench_cnn import matmul_gflops
-  from bench.common import cpu_model, peak_rss_mb
+  from bench.common import allocator_env, cpu_model, peak_rss_mb
   from jule3d import convolution
   from jule3d import model as model_lib
 
@@ -569,11 +569,7 @@ def run(args: argparse.Namespace) -> str:
   triplets_j = runs[f'{impls[0]}_train'][-1]['triplets']
   triplets_t = runs['torch_train'][-1]['triplets']
 
-  env = ', '.join(
-    f'{name}={os.environ[name]}'
-    for name in ('GLIBC_TUNABLES', 'LD_PRELOAD')
-    if os.environ.get(name)
-  )
+  env = allocator_env(', ')
   versions = (
     f'jax {jax.__version__}, flax {flax.__version__}, numpy {np.__version__}, torch '
     f'{info["torch"]} ({info["threads"]} threads, oneDNN {info["mkldnn"]}), Python '
@@ -657,19 +653,13 @@ def main() -> None:
     _torch_worker()
     return
   sys.path.insert(0, ROOT)
-  flags = ' '.join(a for a in sys.argv[1:] if a != '--write')
-  env = ' '.join(
-    f'{name}={os.environ[name]}'
-    for name in ('GLIBC_TUNABLES', 'LD_PRELOAD')
-    if os.environ.get(name)
-  )
-  args.command = ' '.join(x for x in (env, '.venv/bin/python bench/bench_torch.py', flags) if x)
+  from bench.common import command_line, put_section
+
+  args.command = command_line('bench_torch.py', skip=('--write',))
   section = run(args)
   print()
   print(section)
   if args.write:
-    from bench.common import put_section
-
     put_section(section)
 
 

@@ -7,6 +7,7 @@ import platform
 import re
 import resource
 import subprocess
+import sys
 
 BENCHMARKS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'BENCHMARKS.md'
@@ -131,6 +132,26 @@ def put_section(section: str, path: str = BENCHMARKS) -> None:
   """
   title, _, body = section.partition('\n')
   replace_section(title.removeprefix('## '), body, path)
+
+
+def allocator_env(sep: str = ' ') -> str:
+  """The allocator settings this process runs with (GLIBC_TUNABLES, LD_PRELOAD), as NAME=value."""
+  names = ('GLIBC_TUNABLES', 'LD_PRELOAD')
+  return sep.join(f'{n}={os.environ[n]}' for n in names if os.environ.get(n))
+
+
+def command_line(script: str, skip: tuple[str, ...] = ('--write', '--no-write')) -> str:
+  """How this run was started, for its section: the allocator settings, the script, its flags.
+
+  Args:
+    script: the script's file name under bench/.
+    skip: flags left out (those that only say whether to write the figures).
+
+  Returns:
+    The command, as run from the repository root.
+  """
+  flags = ' '.join(a for a in sys.argv[1:] if a not in skip)
+  return ' '.join(x for x in (allocator_env(), f'.venv/bin/python bench/{script}', flags) if x)
 
 
 def write_section(title: str, command: str, table: str) -> None:
