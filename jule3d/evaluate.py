@@ -307,7 +307,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
 
 def _open_segmentation(inputs, workdir: str, img):
   """WORKDIR/segmentation.zarr, checked against the image (and the reference) voxel for voxel."""
-  c, labels = inputs.config, inputs.labels
+  labels = inputs.labels
   seg_path = os.path.join(workdir, SEGMENTATION)
   if not os.path.isdir(seg_path):
     raise UserError(f'{seg_path!r} does not exist: run --mode=segment first (or --mode=all).')
@@ -318,9 +318,6 @@ def _open_segmentation(inputs, workdir: str, img):
         f'{what} {vol.path!r} has shape {vol.shape}, the image {img.shape}: label volumes '
         'must match the image voxel for voxel (was the segmentation made from another image?).'
       )
-  k = int(c.segment.num_segments)
-  if not 1 <= k <= 255:
-    raise UserError(f'config.segment.num_segments = {k}: expected 1..255 (uint8 labels).')
   return seg
 
 

@@ -61,6 +61,8 @@ def open_volume(
     UserError: missing, unreadable, unsupported, damaged or non-3D input, a bad or conflicting
       spacing; raised before any conversion, except for damage found only while converting
       (nothing is left behind).
+    ValueError: a chunk edge below 1 (the caller's; config.data.cache_chunk is checked in
+      jule3d/checks.py).
   """
   path = os.fspath(path) if not isinstance(path, str) else path
   where = _where(name, path)
@@ -77,7 +79,7 @@ def open_volume(
       f"that replace the file's spacing, or set {fields[1]}=False."
     )
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-    raise UserError(f'config.data.cache_chunk = {chunk!r}: expected a positive integer (e.g. 64).')
+    raise ValueError(f'open_volume: chunk = {chunk!r}; expected a positive integer.')
   kind = _kind(path, where)
   source = None
   if kind in ('zarr', 'zarr3', 'n5', 'json'):
