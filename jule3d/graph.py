@@ -11,15 +11,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jule3d.errors import UserError
+
+class DegenerateFeatures(ValueError):
+  """The features leave nothing to cluster: non-finite values, or all distances 0 (sigma^2 = 0).
+
+  A property of the features a run computed (a collapsed embedding, patches without texture), not a
+  programming error: the training loop turns it into a UserError with advice (jule3d/train.py).
+  """
 
 
 def _check_features(x, where: str) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
-    raise UserError(f'{where}: features have shape {x.shape}; expected (n, d) with n >= 2, d >= 1.')
+    raise ValueError(
+      f'{where}: features have shape {x.shape}; expected (n, d) with n >= 2, d >= 1.'
+    )
   if not bool(jnp.isfinite(x).all()):
-    raise UserError(f'{where}: features contain NaN or inf; expected finite values.')
+    raise DegenerateFeatures(f'{where}: features contain NaN or inf; expected finite values.')
   return x
 
 
@@ -40,12 +48,14 @@ def knn_graph(x: jax.Array, k: int, *, block_size: int = 1024) -> tuple[jax.Arra
     (idx, d2): (n, k) int32 neighbour indices and (n, k) float32 squared distances, ascending.
 
   Raises:
-    UserError: bad shape, non-finite features or k out of range.
+    ValueError: bad shape or k out of range (DegenerateFeatures: non-finite features).
   """
   x = _check_features(x, 'knn_graph')
   n = x.shape[0]
   if not (isinstance(k, (int, np.integer)) and 1 <= k <= n - 1):
-    raise UserError(f'knn_graph: k = {k!r} neighbours for {n} samples; expected 1 <= k <= {n - 1}.')
+    raise ValueError(
+      f'knn_graph: k = {k!r} neighbours for {n} samples; expected 1 <= k <= {n - 1}.'
+    )
   block = max(8, min(int(block_size), -(-n // 8) * 8))
   return _knn(x, int(k), block)
 
@@ -86,15 +96,15 @@ def knn_weights(d2: jax.Array, a: float) -> tuple[jax.Array, float]:
     (w, sigma2): (n, K_s) float32 weights and sigma^2 as a Python float.
 
   Raises:
-    UserError: sigma^2 is not a positive finite number (e.g. all features identical, or a <= 0).
+    DegenerateFeatures: sigma^2 is not a positive finite number (all features identical, or a <= 0).
   """
   d2 = jnp.asarray(d2, jnp.float32)
   mean = float(jnp.mean(d2))
   sigma2 = float(a) * mean
   if not (math.isfinite(sigma2) and sigma2 > 0):
-    raise UserError(
+    raise DegenerateFeatures(
       f'kNN graph: sigma^2 = a * mean squared kNN distance = {a} * {mean:.3g} = {sigma2:.3g}; '
-      'expected a positive finite value (cluster.a > 0 and features that are not all identical).'
+      'expected a positive finite value (a > 0 and features that are not all identical).'
     )
   return jnp.exp(-d2 / sigma2), sigma2
 

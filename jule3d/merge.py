@@ -31,7 +31,6 @@ import numpy as np
 from jax import lax
 
 from jule3d import graph
-from jule3d.errors import UserError
 
 # Default static chunk sizes of the merge loop (merge_period's `chunks`): members of the merged
 # cluster gathered per pass, and cache rows rebuilt per pass. Bigger clusters or more rows to
@@ -337,15 +336,15 @@ def _check_cluster_args(num_target, k_s, k_c, a, lam, unfolding_rate):
     ('unfolding_rate', unfolding_rate, 0 < unfolding_rate <= 1, 'a number in (0, 1]'),
   ):
     if not ok:
-      raise UserError(f'config.cluster.{name} = {value!r}: expected {expected}.')
+      raise ValueError(f'cluster_period: {name} = {value!r}; expected {expected}.')
 
 
 def _graph(features, k_s: int, a: float):
   x = graph._check_features(features, 'clustering')
   if k_s > x.shape[0] - 1:
-    raise UserError(
-      f'config.cluster.k_s = {k_s}: expected at most n - 1 = {x.shape[0] - 1} (one fewer than the '
-      'number of patches).'
+    raise ValueError(
+      f'cluster_period: k_s = {k_s}; expected at most n - 1 = {x.shape[0] - 1} (one fewer than the '
+      'number of samples).'
     )
   idx, d2 = graph.knn_graph(x, k_s)
   w, _ = graph.knn_weights(d2, a)
@@ -381,8 +380,9 @@ def cluster_period(
     (n,) int32 labels 0..Nc'-1 in order of first appearance; with with_start, (labels, Nc).
 
   Raises:
-    UserError: a bad config.cluster value or degenerate features, before the graph is built.
-    ValueError: labels or merge arguments inconsistent with the features (a caller's bug).
+    graph.DegenerateFeatures: features that leave nothing to cluster (before any merge).
+    ValueError: arguments out of range or inconsistent with the features (the caller's; the config
+      values are checked in jule3d/checks.py).
   """
   _check_cluster_args(num_target, k_s, k_c, a, lam, unfolding_rate)
   x, idx, w = _graph(features, k_s, a)

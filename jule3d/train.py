@@ -19,6 +19,7 @@ one epoch; within a period, training resumes at the next epoch with the period's
 training patches are re-read from their saved centres (cheap), so a checkpoint does not hold them.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,6 +40,7 @@ from jule3d import (
   checkpoint,
   features,
   files,
+  graph,
   merge,
   model,
   objective,
@@ -72,6 +74,22 @@ def patch_nmi(truth: np.ndarray | None, labels: np.ndarray) -> float | None:
 def _cluster_kwargs(c) -> dict[str, Any]:
   cl = c.cluster
   return dict(k_s=cl.k_s, k_c=cl.k_c, a=cl.a, lam=cl.lam)
+
+
+@contextlib.contextmanager
+def _clustering(period: int):
+  """Turns features that leave nothing to cluster into one actionable line for the user."""
+  try:
+    yield
+  except graph.DegenerateFeatures as e:
+    what = (
+      'the period-0 features of the training patches (cluster.initial_features) are all the same: '
+      'the patches carry no texture to tell apart (check data.threshold and data.path)'
+      if period == 0
+      else "the CNN's features of the training patches collapsed to one point: a narrow CNN needs "
+      'a larger model.init_std (configs/demo.py explains why), or a smaller train.learning_rate'
+    )
+    raise UserError(f'clustering at period {period}: {what} ({e})') from None
 
 
 def make_epoch_step(net, tx, train_cfg, m=None):
@@ -251,7 +269,8 @@ def _start(inputs, workdir: str, overwrite: bool):
     history = {'periods': [], 'nmi_patches_raw': None}
     if data.truth is not None:
       initial = features.initial_features(c, data.patches)  # period 0 clusters them too (below)
-      raw_labels = merge.agglomerate(initial, c.cluster.num_clusters, **_cluster_kwargs(c))
+      with _clustering(period=0):
+        raw_labels = merge.agglomerate(initial, c.cluster.num_clusters, **_cluster_kwargs(c))
       history['nmi_patches_raw'] = patch_nmi(data.truth, raw_labels)
       logging.info('no-learning reference: NMI %.4f', history['nmi_patches_raw'] or float('nan'))
   else:
@@ -326,14 +345,15 @@ def _cluster(run: _Run) -> None:
         run.data.patches,
         c.segment.batch_size,
       )
-    new, start = merge.cluster_period(
-      feats,
-      run.labels,
-      num_target=c.cluster.num_clusters,
-      unfolding_rate=c.cluster.unfolding_rate,
-      with_start=True,
-      **_cluster_kwargs(c),
-    )
+    with _clustering(run.period):
+      new, start = merge.cluster_period(
+        feats,
+        run.labels,
+        num_target=c.cluster.num_clusters,
+        unfolding_rate=c.cluster.unfolding_rate,
+        with_start=True,
+        **_cluster_kwargs(c),
+      )
     merges = start - (int(new.max()) + 1)
     run.labels = new
   run.partial = {

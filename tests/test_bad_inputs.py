@@ -344,6 +344,7 @@ CASES = {
   'K more than the grid patches': Case(
     _more_segments_than_grid_patches, 'num_segments = 200', 'lower the stride or K', 'existing'
   ),
+  'K_s not below n_s': Case(_args('--config.cluster.k_s=240'), 'cluster.k_s', 'fewer neighbours'),
   'eta > 1': Case(_args('--config.cluster.unfolding_rate=1.5'), 'unfolding_rate', '(0, 1]'),
   'eta = 0': Case(_args('--config.cluster.unfolding_rate=0'), 'unfolding_rate', '(0, 1]'),
   'foreground sideways': Case(

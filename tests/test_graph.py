@@ -82,14 +82,18 @@ def test_knn_weights_sigma_and_guards():
   np.testing.assert_allclose(np.asarray(w), np.exp(-ref / (0.5 * ref.mean())), rtol=1e-5)
   same = np.ones((20, 4), np.float32)
   _, d2_same = graph.knn_graph(same, 3)
-  with pytest.raises(UserError, match='sigma'):
+  # Features that leave nothing to cluster are their own ValueError (train.py words it for the
+  # user); a k out of range is the caller's bug. Neither is a UserError in the library.
+  with pytest.raises(graph.DegenerateFeatures, match='sigma'):
     graph.knn_weights(d2_same, 1.0)
-  with pytest.raises(UserError, match='sigma'):
+  with pytest.raises(graph.DegenerateFeatures, match='sigma'):
     graph.knn_weights(d2, 0.0)
-  with pytest.raises(UserError, match='k = 120'):
+  with pytest.raises(ValueError, match='k = 120') as info:
     graph.knn_graph(x, N)
-  with pytest.raises(UserError, match='identical'):
+  assert not isinstance(info.value, (UserError, graph.DegenerateFeatures))
+  with pytest.raises(graph.DegenerateFeatures, match='identical') as info:
     merge.cluster_period(same, None, 2, k_s=3, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.9)
+  assert not isinstance(info.value, UserError)
 
 
 # --- initial clusters -----------------------------------------------------------------------
@@ -304,9 +308,13 @@ def test_inconsistent_arguments_are_a_bug_not_bad_input():
   assert not isinstance(info.value, UserError)
 
 
-def test_bad_config_values_raise_user_error():
+def test_arguments_out_of_range_are_the_callers_error():
+  # config.cluster's limits are checked in jule3d/checks.py before any run (tests/test_configs.py,
+  # tests/test_bad_inputs.py); the library says which argument, as an ordinary ValueError.
   x, _, _, _ = _problem(0)
-  with pytest.raises(UserError, match='k_s'):
+  with pytest.raises(ValueError, match='k_s') as info:
     merge.cluster_period(x, None, 3, k_s=N, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.9)
-  with pytest.raises(UserError, match='unfolding_rate'):
+  assert not isinstance(info.value, UserError)
+  with pytest.raises(ValueError, match='unfolding_rate') as info:
     merge.cluster_period(x, None, 3, k_s=K_S, k_c=5, a=1.0, lam=1.0, unfolding_rate=0.0)
+  assert not isinstance(info.value, UserError)

@@ -200,3 +200,19 @@ def test_non_finite_loss_names_period_and_step():
   with pytest.raises(UserError, match='period 3 at step 12'):
     train._check_finite(np.array([0.5, 0.4, np.nan]), period=3, first_step=10)
   train._check_finite(np.array([0.5, 0.4]), period=0, first_step=0)
+
+
+def test_features_that_collapse_are_one_user_error(tmp_path, monkeypatch):
+  # All training patches with the same period-0 features (as a texture-less volume, or a CNN whose
+  # embedding collapsed, gives): the library raises graph.DegenerateFeatures, and the training loop
+  # turns it into a UserError (one line, exit 2) that says what to change.
+  from jule3d import features, pipeline
+
+  c = smoke.get_config()
+  inputs = pipeline.resolve_inputs(c, str(tmp_path / 'w'), for_training=True)
+  monkeypatch.setattr(
+    features, 'initial_features', lambda c, data: np.ones((data.shape[0], 3), np.float32)
+  )
+  with pytest.raises(UserError, match='period 0') as info:
+    train.train(inputs, str(tmp_path / 'w'))
+  assert 'data.threshold' in str(info.value) and '\n' not in str(info.value)
