@@ -219,6 +219,10 @@ def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std:
   return descriptors.finish('texture', feats)
 
 
+# One jitted gather for every call (jitting a lambda inside the function compiled it per period).
+_take = jax.jit(lambda data, idx: data[idx])
+
+
 def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> np.ndarray:
   """CNN features of every patch in `data`, in fixed-size batches (one compile; last batch padded).
 
@@ -233,12 +237,11 @@ def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> n
   """
   n = data.shape[0]
   m = sharding.mesh()
-  take = jax.jit(lambda d, i: d[i])
   out = []
   for i in range(0, n, batch_size):
     # The last batch repeats the last patch as padding (eval-mode BN: rows are independent).
     idx = np.minimum(np.arange(i, i + batch_size), n - 1).astype(np.int32)
-    feats = embed_fn(variables, sharding.put_batch(take(data, idx), m))
+    feats = embed_fn(variables, sharding.put_batch(_take(data, idx), m))
     out.append(sharding.to_host(feats)[: min(batch_size, n - i)])
   return np.concatenate(out)
 

@@ -231,8 +231,9 @@ def init_variables(model: JuleCNN, rng: jax.Array, patch_size: int) -> dict[str,
 def edges(patch_size: int, kernel_size: int, pool_size: int) -> tuple[int, int, int, int]:
   """The layer layout's per-patch edges (method §2; VALID): conv1 out, pooled, conv2 out, conv3 out.
 
-  The one description of the network's geometry: the dense path, the config checks and the layer
-  shapes all derive from it (the last edge is <= 0 when the patch is too small for the network).
+  The one closed form of the network's geometry, used by the dense path (NetSpec) and the config
+  check (checks.conv_output_size); layer_shapes and flops_per_patch trace the network itself. The
+  last edge is <= 0 when the patch is too small for the network.
   """
   e1 = patch_size - kernel_size + 1
   e2 = e1 // pool_size
@@ -249,12 +250,12 @@ class NetSpec:
   hidden_dim: int
   embed_dim: int
   bn_epsilon: float
-  impl: str  # 'xla' or 'im2col'
+  impl: str  # resolved conv_impl: 'xla', 'im2col' or 'onednn'
   dtype: str
   patch_size: int
 
   def edges(self) -> tuple[int, int, int, int]:
-    """Per-patch edges: conv1 output, pooled, conv2 output, conv3 output (edges)."""
+    """Per-patch edges: conv1 output, pooled, conv2 output, conv3 output (module `edges`)."""
     return edges(self.patch_size, self.kernel_size, self.pool_size)
 
 

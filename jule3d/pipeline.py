@@ -216,8 +216,7 @@ def _resolve_source(config: ml_collections.ConfigDict, workdir: str) -> None:
       **({'spacing': tuple(config.data.spacing)} if config.data.spacing else {}),
     )
     config.data.path = paths['image']
-    if not config.data.labels:
-      config.data.labels = paths['labels']
+    config.data.labels = config.data.labels or paths['labels']
 
 
 def _open_labels(d, image, cache: str, geometry: dict):

@@ -206,9 +206,8 @@ class _Run:
   state: Any  # objective.TrainState, replicated over the mesh
   labels: np.ndarray | None  # cluster label per training patch (None before period 0)
   period: int
-  partial: (
-    dict | None
-  )  # progress inside the current period: {'start', 'merges', 'epochs_done', ...}
+  # Progress inside the current period: {'start', 'merges', 'epochs_done', ...}; None between.
+  partial: dict | None
   history: dict
   initial: np.ndarray | None = None  # period-0 features, when the no-learning reference has them
   t0: float = 0.0  # start of the period's time not yet added to partial['seconds']
