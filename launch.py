@@ -14,6 +14,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import base
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   'config', None, 'Config file, e.g. configs/demo.py (or configs/lung_c.py:cpu).', lock_config=True
@@ -53,6 +55,15 @@ def _override_problem(e: Exception) -> str:
   return ' '.join([first, *(f'({line.strip()})' for line in rest if line.strip())])
 
 
+def _renamed(argv: list[str]) -> str:
+  # An override of a field that an earlier version had under another name: say the new name.
+  for arg in argv:
+    field = arg.split('=', 1)[0].removeprefix('--config.').removeprefix('-config.')
+    if field in base.RENAMED:
+      return f': config.{field} is now config.{base.RENAMED[field]}'
+  return ''
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   # absl/ml_collections report a mistyped `--config.x.y=` as a raw AttributeError/KeyError traceback;
   # a user gets one actionable line instead.
@@ -73,7 +84,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
       'existing config file, e.g. --config=configs/demo.py.'
     )
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    _fail(f'bad --config override: {_override_problem(e)} {_FIELDS}')
+    _fail(f'bad --config override: {_override_problem(e)}{_renamed(argv)} {_FIELDS}')
   return []
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import publish  # noqa: E402
 from configs import base, demo  # noqa: E402
-from jule3d import dense, features, model, patches  # noqa: E402
+from jule3d import dense, features, grid, model  # noqa: E402
 
 
 def measure(name: str, cfg, edge: int, stride: int, subset: int) -> str:
@@ -31,7 +31,7 @@ def measure(name: str, cfg, edge: int, stride: int, subset: int) -> str:
   v = jax.tree.map(np.asarray, model.init_variables(net, jax.random.PRNGKey(0), w))
   arr = np.random.default_rng(0).integers(0, 4000, (edge,) * 3).astype(np.int16)
   vol = types.SimpleNamespace(store=ts.array(arr), shape=arr.shape, dtype=arr.dtype)
-  axes = patches.grid_axes(arr.shape, w, stride)
+  axes = grid.axes(arr.shape, w, stride)
   cen = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3).astype(np.int32)
   flops = dense.flops_per_grid_patch(cfg.model, w, stride, arr.shape)
   dense.dense_grid_features(vol, cen[:1], w, net, v, 2000.0, 1000.0, stride=stride)
@@ -39,7 +39,7 @@ def measure(name: str, cfg, edge: int, stride: int, subset: int) -> str:
   out = dense.dense_grid_features(vol, cen, w, net, v, 2000.0, 1000.0, stride=stride)
   td = time.perf_counter() - t
   idx = np.arange(len(cen))[len(cen) // 2 - subset // 2 :][:subset]
-  fn, bs = model.make_embed_fn(net), cfg.segment.batch_size
+  fn, bs = model.make_embed_fn(net), cfg.model.feature_batch_size
   features.grid_features(vol, cen[idx[:bs]], w, fn, v, 2000.0, 1000.0, bs, slab_depth=stride)
   t = time.perf_counter()
   ref = features.grid_features(vol, cen[idx], w, fn, v, 2000.0, 1000.0, bs, slab_depth=stride)

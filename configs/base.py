@@ -9,6 +9,10 @@ for a CPU-sized run on the built-in phantom.
 
 import ml_collections
 
+# Fields an earlier version of jule3d had under another name: old -> new (named in the error a
+# command line with the old name gets).
+RENAMED = {'segment.batch_size': 'model.feature_batch_size'}
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the paper's default configuration (no data path set)."""
@@ -74,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   # im2col. XLA on GPU/TPU), 'xla', 'im2col' or 'onednn'.
   c.model.conv_impl = 'auto'
   c.model.dtype = 'float32'  # Activation/weight compute dtype: 'float32' or 'bfloat16'.
+  # Patches per CNN call when features are computed patch by patch: training's clustering of its
+  # patches and segmentation's per-patch path. Memory only: a patch's features do not depend on it.
+  c.model.feature_batch_size = 256
 
   # --- Forward pass: GDL agglomerative clustering (method §3) -------------------------------------
   c.cluster = ml_collections.ConfigDict()
@@ -112,7 +119,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.segment.num_segments = 3  # K: k-means clusters (segment labels 1..K, 0 = not covered).
   c.segment.kmeans_restarts = 10  # k-means++ restarts (best inertia kept).
   c.segment.kmeans_max_fit = 200_000  # Fit k-means on at most this many grid features (seeded).
-  c.segment.batch_size = 256  # Patches per feature-extraction batch (per-patch path).
   c.segment.feature_path = (
     'auto'  # 'auto' (fewer FLOPs), 'dense' (fully convolutional) or 'per_patch'.
   )
@@ -140,7 +146,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Evaluation (method §6) ---------------------------------------------------------------------
   c.evaluate = ml_collections.ConfigDict()
+  # The baselines segment into config.segment.num_segments classes, as jule3d does.
   c.evaluate.kmeans_max_fit = 200_000  # Intensity k-means baseline fit on this many voxels.
+  c.evaluate.kmeans_restarts = 10  # Its k-means++ restarts (best inertia kept).
   c.evaluate.figures = True  # Write PNG slice figures into the report.
   # ANTs Atropos (GMM + MRF) as a third baseline, where .venv-ants has antspyx (jule3d/atropos.py);
   # skipped above this many voxels (ITK holds the whole volume in memory).

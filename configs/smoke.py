@@ -30,6 +30,7 @@ def get_config():
   c.train.num_neg = 5
   c.segment.stride = 6
   c.segment.kmeans_restarts = 2
-  c.segment.batch_size = 64
+  c.evaluate.kmeans_restarts = 2
+  c.model.feature_batch_size = 64
   c.evaluate.atropos = False  # seconds per evaluation; tests/test_evaluate.py runs it on its own
   return c

@@ -168,7 +168,7 @@ def baseline_settings(image, config) -> dict:
     'foreground': c.data.foreground,
     'seed': int(c.seed),
     'max_fit': int(c.evaluate.kmeans_max_fit),
-    'restarts': int(c.segment.kmeans_restarts),
+    'restarts': int(c.evaluate.kmeans_restarts),
   }
 
 
@@ -226,7 +226,7 @@ def intensity_baselines(image, config, out_dir: str, overwrite: bool = False) ->
   Args:
     image: the image Volume.
     config: the run config (segment.num_segments, seed, data.threshold/foreground,
-      evaluate.kmeans_max_fit, segment.kmeans_restarts).
+      evaluate.kmeans_max_fit, evaluate.kmeans_restarts).
     out_dir: folder of the baseline stores (created if needed).
     overwrite: recompute even when valid stores exist.
 
@@ -255,7 +255,7 @@ def intensity_baselines(image, config, out_dir: str, overwrite: bool = False) ->
   sample = _sample_foreground(image, fg, depth, per_slab, int(c.evaluate.kmeans_max_fit), c.seed)
   results = {}
   try:
-    km_centres = fit_kmeans_intensity(sample, k, c.seed, int(c.segment.kmeans_restarts))
+    km_centres = fit_kmeans_intensity(sample, k, c.seed, int(c.evaluate.kmeans_restarts))
     results['kmeans_intensity'] = {
       'centres': km_centres.tolist(),
       'thresholds': kmeans_thresholds(km_centres).tolist(),

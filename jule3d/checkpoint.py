@@ -37,7 +37,13 @@ T = TypeVar('T')
 # Fields that change what a checkpoint means: resuming across a change in any of them would mix two
 # different runs. Segmentation/evaluation fields are free to change between runs.
 FINGERPRINT_SECTIONS = ('seed', 'data', 'patches', 'model', 'cluster', 'train')
-_FINGERPRINT_IGNORED = {('train', 'keep_checkpoints'), ('data', 'labels'), ('data', 'cache_chunk')}
+# Fields that change neither the trained model nor its features: a run resumes across them.
+_FINGERPRINT_IGNORED = {
+  ('train', 'keep_checkpoints'),
+  ('data', 'labels'),
+  ('data', 'cache_chunk'),
+  ('model', 'feature_batch_size'),
+}
 
 
 def fingerprint(config_dict: dict[str, Any], data: str | None = None) -> str:

@@ -157,6 +157,7 @@ def _check_model(c: ml_collections.ConfigDict, w: int) -> None:
   )
   _int_at_least(c, 'model.hidden_dim', 1)
   _int_at_least(c, 'model.embed_dim', 1)
+  _int_at_least(c, 'model.feature_batch_size', 1)
   _require(
     m.conv_impl in ('auto', 'xla', 'im2col', 'onednn'),
     'model.conv_impl',
@@ -230,8 +231,9 @@ def _check_segment(c: ml_collections.ConfigDict, w: int) -> None:
   )
   _int_at_least(c, 'segment.kmeans_restarts', 1)
   _int_at_least(c, 'segment.kmeans_max_fit', 2)
-  _int_at_least(c, 'segment.batch_size', 1)
   _int_at_least(c, 'segment.part_planes', 0)
+  _int_at_least(c, 'evaluate.kmeans_max_fit', 2)
+  _int_at_least(c, 'evaluate.kmeans_restarts', 1)
   _int_at_least(c, 'evaluate.atropos_max_voxels', 1)
   _require(s.smoothing >= 0, 'segment.smoothing', s.smoothing, 'a number >= 0 (0 = off)')
   _require(

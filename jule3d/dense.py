@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jule3d import convolution, model, patches
+from jule3d import convolution, grid, model, patches
+from jule3d.volume import read_ahead
 
 _DEFAULT_MEMORY_MB = 384
 
@@ -96,7 +97,11 @@ def _block_cost(b: _Block) -> tuple[int, int]:
 
 
 def _plan(
-  n: model.NetSpec, step: int, grid: tuple[int, int, int], memory_mb: float, slab_planes: int | None
+  n: model.NetSpec,
+  step: int,
+  cells: tuple[int, int, int],
+  memory_mb: float,
+  slab_planes: int | None,
 ) -> _Block:
   """The largest block (whole Y/X rows first, then fewer planes) whose estimate fits the budget."""
   budget = memory_mb * 2**20
@@ -104,7 +109,7 @@ def _plan(
   def fits(t):
     return _block_cost(_Block(n, step, t))[1] <= budget
 
-  tz = min(grid[0], slab_planes) if slab_planes else None
+  tz = min(cells[0], slab_planes) if slab_planes else None
   # Grow a cube-ish block: largest tile edge whose block fits, then give axis 0 what remains.
   t = [1, 1, 1]
   if tz is not None:
@@ -113,7 +118,7 @@ def _plan(
     grown = False
     for a in (2, 1) if tz is not None else (2, 1, 0):
       cand = list(t)
-      cand[a] = min(grid[a], t[a] * 2)
+      cand[a] = min(cells[a], t[a] * 2)
       if cand[a] > t[a] and fits(tuple(cand)):
         t = cand
         grown = True
@@ -121,17 +126,17 @@ def _plan(
       break
   # Refine each axis upwards one by one (doubling can overshoot coarsely).
   for a in (2, 1) if tz is not None else (2, 1, 0):
-    while t[a] < grid[a]:
+    while t[a] < cells[a]:
       cand = list(t)
       cand[a] += max(1, t[a] // 8)
-      cand[a] = min(cand[a], grid[a])
+      cand[a] = min(cand[a], cells[a])
       if not fits(tuple(cand)):
         break
       t = cand
   # Even split: a last block barely filled wastes its whole compute.
   for a in range(3):
-    nb = -(-grid[a] // t[a])
-    t[a] = -(-grid[a] // nb)
+    nb = -(-cells[a] // t[a])
+    t[a] = -(-cells[a] // nb)
   return _Block(n, step, tuple(t))
 
 
@@ -200,7 +205,7 @@ def _lattice_step(centres: np.ndarray, h: int, stride: int | None) -> int:
   if g % stride:
     raise ValueError(
       f'dense_grid_features: the centres are not on the stride-{stride} grid starting at '
-      f'patch_size // 2 = {h} (as patches.grid_centres builds it).'
+      f'patch_size // 2 = {h} (as grid.centres builds it).'
     )
   return stride
 
@@ -213,9 +218,8 @@ def _check(volume, centres: np.ndarray, patch_size: int, std: float) -> None:
   if not (np.isfinite(std) and std > 0):
     raise ValueError(f'dense_grid_features: the normalisation std must be > 0, got {std}.')
   if len(centres):
-    h = patch_size // 2
-    hi = np.asarray(volume.shape) - h
-    bad = np.flatnonzero(np.any((centres < h) | (centres >= hi), axis=1))
+    lo, hi = patches.centre_bounds(volume.shape, patch_size)
+    bad = np.flatnonzero(np.any((centres < lo) | (centres >= hi), axis=1))
     if bad.size:
       raise ValueError(
         f'dense_grid_features: centre {centres[bad[0]].tolist()} (row {bad[0]}) puts its '
@@ -246,8 +250,8 @@ def block_planes(
   Returns:
     The block's extent in grid planes along axis 0.
   """
-  grid = patches.grid_shape(shape, patch_size, stride)
-  return int(_plan(model.net_spec(net, patch_size), stride, grid, memory_mb, None).t[0])
+  cells = grid.shape_of(shape, patch_size, stride)
+  return int(_plan(model.net_spec(net, patch_size), stride, cells, memory_mb, None).t[0])
 
 
 def dense_grid_features(
@@ -271,7 +275,7 @@ def dense_grid_features(
   Args:
     volume: a jule3d.volume.Volume (needs .store, .shape).
     centres: int [M, 3] patch centres on a grid (any order; raster order from
-      patches.grid_centres is the usual case).
+      grid.centres is the usual case).
     patch_size: odd patch edge w.
     net: the network (its conv_impl and dtype are honoured).
     variables: {'params', 'batch_stats'}.
@@ -295,15 +299,15 @@ def dense_grid_features(
     return np.zeros((0, n.embed_dim), np.float32)
   h = patch_size // 2
   step = _lattice_step(centres, h, stride)
-  grid = patches.grid_shape(volume.shape, patch_size, step)
-  block = _plan(n, step, grid, memory_mb, slab_planes)
-  bidx, local_flat, groups = _block_groups(centres, h, step, block.t, grid)
+  cells = grid.shape_of(volume.shape, patch_size, step)
+  block = _plan(n, step, cells, memory_mb, slab_planes)
+  bidx, local_flat, groups = _block_groups(centres, patch_size, step, block.t, cells)
   feats = np.empty((len(centres), n.embed_dim), np.float32)
   _run_blocks(volume, block, variables, step, bidx, local_flat, groups, mean, std, feats)
   return feats
 
 
-def _block_groups(centres: np.ndarray, h: int, step: int, t, grid):
+def _block_groups(centres: np.ndarray, patch_size: int, step: int, t, cells):
   """Which block holds each centre, its row in the block's output, and the centres per block.
 
   Returns:
@@ -311,11 +315,11 @@ def _block_groups(centres: np.ndarray, h: int, step: int, t, grid):
     the centres of each block in block raster order).
   """
   t = np.asarray(t)
-  lat = (centres.astype(np.int64) - h) // step
+  lat = grid.index(centres, patch_size, step)
   bidx = lat // t
   local = lat % t
   local_flat = (local[:, 0] * t[1] + local[:, 1]) * t[2] + local[:, 2]
-  nb = [-(-g // tt) for g, tt in zip(grid, t.tolist(), strict=True)]
+  nb = [-(-g // tt) for g, tt in zip(cells, t.tolist(), strict=True)]
   bflat = (bidx[:, 0] * nb[1] + bidx[:, 1]) * nb[2] + bidx[:, 2]
   order = np.argsort(bflat, kind='stable')
   cuts = np.flatnonzero(np.diff(bflat[order])) + 1
@@ -333,16 +337,9 @@ def _run_blocks(volume, block, variables, step, bidx, local_flat, groups, mean, 
     z0 = bz * span[0]
     return volume.store[z0 : min(z0 + shape_in[0], volume.shape[0])].read()
 
-  pending = {}
-  if slabs:
-    pending[slabs[0]] = read(slabs[0])
   results = []
   gi = 0
-  for si, bz in enumerate(slabs):
-    future = pending.pop(bz)
-    if si + 1 < len(slabs):
-      pending[slabs[si + 1]] = read(slabs[si + 1])
-    slab = np.asarray(future.result())
+  for bz, slab in read_ahead(slabs, read):
     while gi < len(groups) and bidx[groups[gi][0], 0] == bz:
       g = groups[gi]
       by, bx = int(bidx[g[0], 1]), int(bidx[g[0], 2])
@@ -386,13 +383,13 @@ def flops_per_grid_patch(
     block's lattice points per axis}.
   """
   n = model.net_spec_of_config(model_cfg, patch_size)
-  grid = patches.grid_shape(shape, patch_size, stride)
-  total = math.prod(grid)
+  cells = grid.shape_of(shape, patch_size, stride)
+  total = math.prod(cells)
   per_patch = float(model.flops_per_patch(model_cfg, patch_size))
   if total == 0:
     return {'per_patch': per_patch, 'dense': per_patch, 'grid_patches': 0, 'block': (0, 0, 0)}
-  block = _plan(n, stride, grid, memory_mb, None)
-  blocks = math.prod(-(-g // t) for g, t in zip(grid, block.t, strict=True))
+  block = _plan(n, stride, cells, memory_mb, None)
+  blocks = math.prod(-(-g // t) for g, t in zip(cells, block.t, strict=True))
   dense = blocks * _block_cost(block)[0] / total
   return {'per_patch': per_patch, 'dense': dense, 'grid_patches': total, 'block': block.t}
 

@@ -1,14 +1,15 @@
 """Features of patches: what the clustering and k-means see.
 
   training patches  `initial_features` (period 0: a hand-made function of the patch,
-                    jule3d/descriptors.py) and `extract_features` (the CNN's, in fixed-size batches)
+                    jule3d/descriptors.py) and `extract_features` (the CNN's)
   the stride grid   `grid_features` (per patch, streamed from the volume), or the dense path
                     (jule3d/dense.py); `resumable_features` / `features_by_parts` cut either into
                     parts saved in the workdir, so that a killed segmentation resumes, dealt over
                     devices and processes
   ablations         `hand_made_features`: the centre intensity or the texture descriptor instead of
                     the CNN's features, through the same pipeline
-Every patch is normalised by patches.normalise with the statistics stored with the model.
+Every patch is normalised by patches.normalise with the statistics stored with the model, and
+every per-patch CNN call goes through one padded batch loop, `embed_batches`.
 """
 
 import concurrent.futures
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jule3d import descriptors, files, patches, progress, sharding
+from jule3d import descriptors, files, grid, patches, progress, sharding
 
 
 def grid_features(
@@ -52,24 +53,19 @@ def grid_features(
   Returns:
     [M, embed_dim] float32.
   """
-  feats = None
   m = sharding.mesh(local=True)  # each process embeds its own patches
   variables = jax.device_put(variables, sharding.replicated(m))
+  batches = _streamed_batches(image, centres, patch_size, mean, std, batch_size, slab_depth)
+  return embed_batches(embed_fn, variables, batches, len(centres), batch_size, m)
 
-  def embed(idx: np.ndarray, raw: np.ndarray) -> None:
-    nonlocal feats
-    x = patches.normalise(raw, mean, std)
-    n = len(x)
-    if n < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
-    out = np.asarray(embed_fn(variables, sharding.put_batch(x, m)))[:n]
-    if feats is None:
-      feats = np.empty((len(centres), out.shape[1]), np.float32)
-    feats[idx] = out
 
-  # Batches are filled across slabs: a grid plane of a small volume can hold fewer patches than a
-  # batch, and padding each plane's last batch wasted most of every call there (measured: paper CNN,
-  # 64^3 volume, stride 5, 64 patches a plane: 28 instead of ~120 patches/s).
+def _streamed_batches(image, centres, patch_size, mean, std, batch_size: int, slab_depth: int):
+  """(indices, normalised patches) batches of the grid centres, read slab by slab (grid_features).
+
+  Batches are filled across slabs: a grid plane of a small volume can hold fewer patches than a
+  batch, and padding each plane's last batch wasted most of every call there (measured: paper CNN,
+  64^3 volume, stride 5, 64 patches a plane: 28 instead of ~120 patches/s).
+  """
   held_idx, held = [], []  # read, not yet embedded: fewer than a batch
   read, next_log, t0 = 0, 0.1, time.time()
   for idx, raw in patches.iter_patches(image, centres, patch_size, slab_depth):
@@ -83,14 +79,13 @@ def grid_features(
     idx, raw = np.concatenate(held_idx), np.concatenate(held)
     full = count if last else count // batch_size * batch_size
     for i in range(0, full, batch_size):
-      embed(idx[i : i + batch_size], raw[i : i + batch_size])
+      yield idx[i : i + batch_size], patches.normalise(raw[i : i + batch_size], mean, std)
     held_idx, held = [idx[full:]], [raw[full:]]
     done = read - (count - full)
     if done >= next_log * len(centres):
       rate = done / max(time.time() - t0, 1e-9)
       logging.info('features: %d/%d grid patches (%.0f patches/s)', done, len(centres), rate)
       next_log = done / len(centres) + 0.1
-  return feats
 
 
 def resumable_features(
@@ -99,7 +94,7 @@ def resumable_features(
   progress_dir: str,
   key: str,
   planes_per_part: int,
-  origin: int = 0,
+  patch_size: int = 1,
   stride: int = 1,
   owned=None,
 ) -> np.ndarray | None:
@@ -108,8 +103,8 @@ def resumable_features(
   A killed segmentation resumes at the first part not on disk instead of starting over. Parts are
   kept under `progress_dir/key` (key = checkpoint, patch size, stride and grid size, so a part is
   never reused for another model or grid) and written atomically. Part p holds the centres on grid
-  planes [p * planes_per_part, (p + 1) * planes_per_part) of axis 0, grid plane = (z - origin) //
-  stride, so parts line up with the dense path's blocks when planes_per_part is a multiple of theirs.
+  planes [p * planes_per_part, (p + 1) * planes_per_part) of axis 0 (grid.parts), so parts line up
+  with the dense path's blocks when planes_per_part is a multiple of theirs.
 
   Args:
     compute: centres [n, 3] -> features [n, D].
@@ -117,7 +112,7 @@ def resumable_features(
     progress_dir: folder for the parts (removed by the caller once the output is written).
     key: identity of this grid and model.
     planes_per_part: grid planes of axis 0 per part.
-    origin: axis-0 coordinate of grid plane 0 (w // 2).
+    patch_size: w of the grid (grid plane 0 is at w // 2).
     stride: grid step.
     owned: part index -> whether this process computes it (several processes share the parts);
       None: all of them.
@@ -127,7 +122,7 @@ def resumable_features(
   """
   folder = os.path.join(progress_dir, key)
   os.makedirs(folder, exist_ok=True)
-  part = (centres[:, 0].astype(np.int64) - origin) // stride // planes_per_part
+  part = grid.parts(centres, patch_size, stride, planes_per_part)
   bounds = np.flatnonzero(np.diff(part)) + 1
   bounds = np.concatenate([[0], bounds, [len(centres)]]) if len(centres) else np.zeros(1, int)
   parts, complete = [], True
@@ -156,7 +151,13 @@ def resumable_features(
 
 
 def features_by_parts(
-  compute_on, devices: list, centres: np.ndarray, progress: str, key: str, per_part: int, grid: dict
+  compute_on,
+  devices: list,
+  centres: np.ndarray,
+  progress: str,
+  key: str,
+  per_part: int,
+  lattice: dict,
 ) -> np.ndarray | None:
   """Grid features in resumable parts (resumable_features), dealt over devices and processes.
 
@@ -170,7 +171,7 @@ def features_by_parts(
     progress: folder for the parts.
     key: identity of the grid and model (resumable_features).
     per_part: grid planes per part.
-    grid: {'origin', 'stride'} of the grid.
+    lattice: {'patch_size', 'stride'} of the grid.
 
   Returns:
     [M, D] features in the primary process; None in the others.
@@ -183,7 +184,7 @@ def features_by_parts(
       j = me * n + d
       owned = lambda i: i % workers == j  # noqa: E731
       resumable_features(
-        compute_on(devices[d]), centres, progress, key, per_part, owned=owned, **grid
+        compute_on(devices[d]), centres, progress, key, per_part, owned=owned, **lattice
       )
 
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
@@ -191,7 +192,7 @@ def features_by_parts(
     sharding.barrier('jule3d-features')
     if not sharding.is_primary():
       return None
-  return resumable_features(compute_on(devices[0]), centres, progress, key, per_part, **grid)
+  return resumable_features(compute_on(devices[0]), centres, progress, key, per_part, **lattice)
 
 
 def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std: float):
@@ -223,6 +224,37 @@ def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std:
 _take = jax.jit(lambda data, idx: data[idx])
 
 
+def embed_batches(embed_fn, variables, batches, num: int, batch_size: int, m) -> np.ndarray:
+  """The one padded batch loop: CNN features of `num` patches, batch by batch.
+
+  Every call of the CNN gets exactly `batch_size` patches (one compile): a shorter batch is padded
+  by repeating its last patch (eval-mode BatchNorm: rows are independent, and the padding's
+  features are dropped).
+
+  Args:
+    embed_fn: model.make_embed_fn(net).
+    variables: {'params', 'batch_stats'}.
+    batches: (indices into the output, normalised patches [n <= batch_size, w, w, w]) pairs; the
+      patches on the host (numpy) or on the devices.
+    num: rows of the output.
+    batch_size: patches per CNN call.
+    m: the mesh each batch is split over.
+
+  Returns:
+    [num, embed_dim] float32 (None when `batches` is empty).
+  """
+  feats = None
+  for idx, x in batches:
+    n = len(idx)
+    rows = np.minimum(np.arange(batch_size), n - 1).astype(np.int32)
+    padded = x[rows] if isinstance(x, np.ndarray) else _take(x, rows)
+    out = sharding.to_host(embed_fn(variables, sharding.put_batch(padded, m)))
+    if feats is None:
+      feats = np.empty((num, out.shape[1]), np.float32)
+    feats[idx] = out[:n]
+  return feats
+
+
 def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> np.ndarray:
   """CNN features of every patch in `data`, in fixed-size batches (one compile; last batch padded).
 
@@ -236,14 +268,13 @@ def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> n
     [N, embed_dim] float32 numpy array.
   """
   n = data.shape[0]
-  m = sharding.mesh()
-  out = []
-  for i in range(0, n, batch_size):
-    # The last batch repeats the last patch as padding (eval-mode BN: rows are independent).
-    idx = np.minimum(np.arange(i, i + batch_size), n - 1).astype(np.int32)
-    feats = embed_fn(variables, sharding.put_batch(_take(data, idx), m))
-    out.append(sharding.to_host(feats)[: min(batch_size, n - i)])
-  return np.concatenate(out)
+
+  def batches():
+    for i in range(0, n, batch_size):
+      idx = np.arange(i, min(i + batch_size, n), dtype=np.int32)
+      yield idx, _take(data, idx)
+
+  return embed_batches(embed_fn, variables, batches(), n, batch_size, sharding.mesh())
 
 
 def initial_features(c, data: jax.Array) -> np.ndarray:

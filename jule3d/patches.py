@@ -1,4 +1,4 @@
-"""Patch geometry (method §1, §5): foreground centres, training samples, stride grid, batched reads.
+"""Patch geometry (method §1): foreground centres, training samples, batched reads, normalisation.
 
 Coordinates are voxel indices along the volume's array axes (axis 0 first). A patch of odd edge `w`
 centred on `c` covers `[c - w//2, c + w//2]` on each axis; it lies inside the volume when
@@ -14,6 +14,7 @@ import numpy as np
 
 from jule3d import progress
 from jule3d.errors import UserError
+from jule3d.volume import read_ahead
 
 
 def foreground(values: np.ndarray, threshold: float, direction: str) -> np.ndarray:
@@ -71,7 +72,8 @@ def centre_bounds(shape: tuple[int, ...], patch_size: int) -> tuple[np.ndarray, 
   return lo, hi
 
 
-def _check_fits(shape: tuple[int, ...], patch_size: int) -> None:
+def check_fits(shape: tuple[int, ...], patch_size: int) -> None:
+  """Raises UserError when an axis of the volume is shorter than one patch."""
   for axis, size in enumerate(shape):
     if size < patch_size:
       raise UserError(
@@ -101,7 +103,7 @@ def count_foreground_centres(
   Returns:
     int64 array of length shape[0] (0 outside the valid centre range).
   """
-  _check_fits(volume.shape, patch_size)
+  check_fits(volume.shape, patch_size)
   lo, hi = centre_bounds(volume.shape, patch_size)
   counts = np.zeros(volume.shape[0], dtype=np.int64)
   for z0, z1 in _slab_ranges(int(lo[0]), int(hi[0]), slab_depth):
@@ -125,21 +127,6 @@ def require_centres(total: int, num: int, threshold: float, direction: str) -> N
       f'only {total} voxels pass the foreground threshold (config.data.threshold = {threshold}, '
       f"'{direction}') with a whole patch inside the volume, fewer than "
       f'config.patches.num_patches = {num}: lower num_patches or change the threshold.'
-    )
-
-
-def require_grid(count: int, num_segments: int, stride: int) -> None:
-  """Raises UserError when the stride grid has fewer foreground patches than segments K.
-
-  Args:
-    count: grid patches with a foreground centre.
-    num_segments: K.
-    stride: grid stride (for the message).
-  """
-  if count < num_segments:
-    raise UserError(
-      f'only {count} grid patches (stride {stride}) have a foreground centre, fewer than '
-      f'config.segment.num_segments = {num_segments}: lower the stride or K, or check the threshold.'
     )
 
 
@@ -205,72 +192,6 @@ def sample_centres(
   return out
 
 
-def grid_shape(shape: tuple[int, ...], patch_size: int, stride: int) -> tuple[int, ...]:
-  """Grid points per axis of the stride grid (the lengths of grid_axes), 0 where none fits."""
-  h = patch_size // 2
-  return tuple(max(0, -(-(int(s) - 2 * h) // stride)) for s in shape)
-
-
-def grid_axes(shape: tuple[int, ...], patch_size: int, stride: int) -> list[np.ndarray]:
-  """Candidate grid coordinates per axis: every `stride` voxels from the first valid centre.
-
-  Args:
-    shape: volume shape.
-    patch_size: odd patch edge.
-    stride: grid step s.
-
-  Returns:
-    One int array per axis (may be empty when the volume is smaller than a patch).
-  """
-  lo, hi = centre_bounds(shape, patch_size)
-  return [np.arange(a, b, stride, dtype=np.int64) for a, b in zip(lo, hi, strict=True)]
-
-
-def grid_centres(
-  volume,
-  patch_size: int,
-  stride: int,
-  threshold: float,
-  direction: str,
-  slab_depth: int = 64,
-  interior=None,
-) -> np.ndarray:
-  """The stride-s grid of segmentation centres (method §5): foreground centres, patch inside.
-
-  Args:
-    volume: a jule3d.volume.Volume.
-    patch_size: odd patch edge.
-    stride: grid step s.
-    threshold: foreground threshold.
-    direction: 'above' or 'below'.
-    slab_depth: grid planes of axis 0 read at once.
-    interior: the specimen's Interior for the 'specimen' domain (in_domain); None: foreground.
-
-  Returns:
-    int32 array [M, 3] in raster order (axis 0 slowest).
-  """
-  _check_fits(volume.shape, patch_size)
-  gz, gy, gx = grid_axes(volume.shape, patch_size, stride)
-  parts = []
-  for i0 in range(0, gz.size, slab_depth):
-    zs = gz[i0 : i0 + slab_depth]
-    # Strided read: only the grid voxels themselves.
-    vals = (
-      volume.store[
-        int(zs[0]) : int(zs[-1]) + 1 : stride,
-        int(gy[0]) : int(gy[-1]) + 1 : stride,
-        int(gx[0]) : int(gx[-1]) + 1 : stride,
-      ]
-      .read()
-      .result()
-    )
-    iz, iy, ix = np.nonzero(in_domain(vals, threshold, direction, interior, (zs, gy, gx)))
-    parts.append(np.stack([zs[iz], gy[iy], gx[ix]], axis=1))
-  if not parts:
-    return np.zeros((0, 3), dtype=np.int32)
-  return np.concatenate(parts).astype(np.int32)
-
-
 def _group_by_slab(centres: np.ndarray, depth: int) -> list[np.ndarray]:
   """Indices of `centres` grouped by axis-0 slab, each group sorted (stable) by axis 0."""
   order = np.argsort(centres[:, 0], kind='stable')
@@ -297,19 +218,14 @@ def iter_patches(
     return
   h = patch_size // 2
   groups = _group_by_slab(np.asarray(centres), slab_depth)
+  boxes = [(centres[g].min(axis=0) - h, centres[g].max(axis=0) + h + 1) for g in groups]
 
-  def start(group: np.ndarray):
-    c = centres[group]
-    lo = c.min(axis=0) - h
-    hi = c.max(axis=0) + h + 1
-    return lo, volume.store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].read()
+  def start(i: int):
+    lo, hi = boxes[i]
+    return volume.store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].read()
 
-  pending = start(groups[0])
-  for i, group in enumerate(groups):
-    lo, future = pending
-    if i + 1 < len(groups):
-      pending = start(groups[i + 1])
-    box = np.asarray(future.result())
+  for i, box in read_ahead(range(len(groups)), start):
+    group, lo = groups[i], boxes[i][0]
     windows = np.lib.stride_tricks.sliding_window_view(box, (patch_size,) * 3)
     rel = centres[group] - lo - h
     yield group, windows[rel[:, 0], rel[:, 1], rel[:, 2]]

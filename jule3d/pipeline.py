@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from jule3d import checks, files, foreground, lock, patches, sharding, volume, working
+from jule3d import checks, files, foreground, grid, lock, patches, sharding, volume, working
 from jule3d.errors import UserError
 from jule3d.workdir import CACHE, MNI152, PHANTOM, REPORT_MD, TIMINGS
 
@@ -173,13 +173,13 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     image.geometry,
   )
   original = None
-  grid = working.plan(
+  to_working = working.plan(
     image.shape, image.spacing, config.patches.patch_size, d.max_anisotropy, d.resample_spacing
   )
-  if grid is not None:  # the method runs on a working copy, outputs come back on this grid
-    logging.info('working grid: %s', working.describe(grid, image.spacing))
+  if to_working is not None:  # the method runs on a working copy, outputs come back on this grid
+    logging.info('working grid: %s', working.describe(to_working, image.spacing))
     with volume.read_errors(image):
-      original, image = image, working.working_volume(image, grid, cache, d.cache_chunk)
+      original, image = image, working.working_volume(image, to_working, cache, d.cache_chunk)
   content, interior = _specimen_parts(config, image, cache)
   return Inputs(
     config=config,
@@ -188,7 +188,7 @@ def _open_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     content=content,
     interior=interior,
     original=original,
-    grid=grid,
+    grid=to_working,
   )
 
 
@@ -270,10 +270,10 @@ def _check_enough_centres(inputs: Inputs) -> None:
 def _check_enough_grid_patches(inputs: Inputs) -> None:
   c = inputs.config
   w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
-  grid = patches.grid_centres(
+  centres = grid.centres(
     inputs.image, w, s, c.data.threshold, c.data.foreground, interior=inputs.interior
   )
-  patches.require_grid(len(grid), k, s)
+  grid.require(len(centres), k, s)
 
 
 def _make_workdir(workdir: str) -> None:

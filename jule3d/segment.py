@@ -21,6 +21,7 @@ from jule3d import (
   dense,
   features,
   files,
+  grid,
   model,
   objective,
   patches,
@@ -134,39 +135,6 @@ def kmeans_labels(
   return out, dist
 
 
-def paint_slab(
-  z0: int, z1: int, shape, centres: np.ndarray, labels: np.ndarray, stride: int
-) -> np.ndarray:
-  """The label slab [z0, z1) of the output: each centre's label fills its s^3 block (method §5).
-
-  Args:
-    z0: first plane.
-    z1: end plane.
-    shape: volume shape.
-    centres: [M, 3] grid centres sorted by axis 0.
-    labels: [M] labels 1..K.
-    stride: s (block edge).
-
-  Returns:
-    uint8 [z1 - z0, Y, X]; uncovered voxels 0.
-  """
-  out = np.zeros((z1 - z0,) + tuple(shape[1:]), np.uint8)
-  lo = stride // 2
-  first = centres[:, 0] - lo  # first plane of each block; centres are sorted by axis 0
-  sel = slice(*np.searchsorted(first, [z0 - stride + 1, z1]))
-  c, lab = centres[sel], labels[sel]
-  # One vectorised assignment per offset inside the block (s^3 of them), not a loop over centres.
-  # Blocks stay inside the volume on axes 1 and 2 because stride // 2 <= patch_size // 2.
-  for dz in range(stride):
-    z = c[:, 0] - lo + dz
-    keep = (z >= z0) & (z < z1)
-    zk, yk, xk, lk = z[keep] - z0, c[keep, 1] - lo, c[keep, 2] - lo, lab[keep]
-    for dy in range(stride):
-      for dx in range(stride):
-        out[zk, yk + dy, xk + dx] = lk
-  return out
-
-
 def fill_slab(painted: np.ndarray, domain: np.ndarray) -> np.ndarray:
   """Every domain voxel labelled: a 0 inside the domain takes its nearest painted voxel's label.
 
@@ -174,7 +142,7 @@ def fill_slab(painted: np.ndarray, domain: np.ndarray) -> np.ndarray:
   nearest grid block (Euclidean, voxel units). Voxels outside the domain become 0.
 
   Args:
-    painted: uint8 labels of a slab with a halo (paint_slab), 0 = not covered.
+    painted: uint8 labels of a slab with a halo (grid.paint_slab), 0 = not covered.
     domain: bool, same shape: voxels that must be labelled.
 
   Returns:
@@ -230,7 +198,7 @@ def write_labels(store, inputs, centres: np.ndarray, labels: np.ndarray, stride:
     store,
     img.shape[0],
     c.data.cache_chunk,
-    lambda a, b: paint_slab(a, b, img.shape, centres, labels, stride),
+    lambda a, b: grid.paint_slab(a, b, img.shape, centres, labels, stride),
     domain_of if c.segment.fill else None,
     c.patches.patch_size,
   )
@@ -247,7 +215,7 @@ def write_back(store, labels, inputs) -> None:
     labels: the labels on the working grid (a Volume).
     inputs: pipeline.Inputs with `grid` and `original`.
   """
-  c, src, grid = inputs.config, inputs.original, inputs.grid
+  c, src, to_working = inputs.config, inputs.original, inputs.grid
 
   def domain_of(a, b, block):
     values = np.asarray(src.store[a:b].read().result())
@@ -257,7 +225,7 @@ def write_back(store, labels, inputs) -> None:
     store,
     src.shape[0],
     c.data.cache_chunk,
-    lambda a, b: working.to_input(labels, grid, a, b),
+    lambda a, b: working.to_input(labels, to_working, a, b),
     domain_of if c.segment.fill else None,
     c.patches.patch_size,
   )
@@ -284,10 +252,10 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   net, variables, meta = load_model(c, workdir)
   w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
   t0 = time.time()
-  centres = patches.grid_centres(
+  centres = grid.centres(
     inputs.image, w, s, c.data.threshold, c.data.foreground, interior=inputs.interior
   )
-  patches.require_grid(len(centres), k, s)
+  grid.require(len(centres), k, s)
   flops = dense.flops_per_grid_patch(c.model, w, s, inputs.image.shape)
   path = c.segment.feature_path
   if path == 'auto':
@@ -349,19 +317,14 @@ def _grid_features(inputs, workdir, net, variables, meta, centres, path: str):
       variables,
       meta['mean'],
       meta['std'],
-      c.segment.batch_size,
+      c.model.feature_batch_size,
       slab_depth=s,
     )
 
   key = f'{meta["fingerprint"]}-{meta["history"]["periods"][-1]["period"]}-{w}-{s}-{len(centres)}'
-  # Auto: parts of >= 8 patch edges along axis 0 (re-reading a patch's halo per part costs
-  # <= ~12%), in whole blocks of the dense path (no block computed twice).
-  per_part = c.segment.part_planes or max(8, -(-8 * w // s))
-  if path == 'dense':
-    blocks = dense.block_planes(net, w, s, inputs.image.shape)
-    per_part = -(-per_part // blocks) * blocks
+  blocks = dense.block_planes(net, w, s, inputs.image.shape) if path == 'dense' else 1
+  per_part = grid.part_planes(c.segment.part_planes, w, s, blocks)
   progress = os.path.join(workdir, SEGMENT_PROGRESS)
-  grid = {'origin': w // 2, 'stride': s}
   if path == 'dense':
     # The dense path runs one part per device: parts are dealt over every local device.
     def compute_on(device):
@@ -373,7 +336,8 @@ def _grid_features(inputs, workdir, net, variables, meta, centres, path: str):
     devices = jax.local_devices()
   else:  # the per-patch path already splits each batch over the local devices
     compute_on, devices = (lambda _: compute), [None]
-  return features.features_by_parts(compute_on, devices, centres, progress, key, per_part, grid)
+  lattice = {'patch_size': w, 'stride': s}
+  return features.features_by_parts(compute_on, devices, centres, progress, key, per_part, lattice)
 
 
 def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> np.ndarray:

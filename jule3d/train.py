@@ -342,7 +342,7 @@ def _cluster(run: _Run) -> None:
         run.embed_fn,
         {'params': run.state.params, 'batch_stats': run.state.batch_stats},
         run.data.patches,
-        c.segment.batch_size,
+        c.model.feature_batch_size,
       )
     with _clustering(run.period):
       new, start = merge.cluster_period(

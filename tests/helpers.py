@@ -3,8 +3,18 @@
 import os
 import subprocess
 import sys
+import types
+
+import numpy as np
+import tensorstore as ts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def memory_volume(array: np.ndarray):
+  """An in-memory stand-in for jule3d.volume.Volume: the patch and grid code need only .store,
+  .shape and .dtype."""
+  return types.SimpleNamespace(store=ts.array(array), shape=array.shape, dtype=array.dtype)
 
 
 def run_cli(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:

@@ -318,6 +318,12 @@ CASES = {
   'fractional labels': Case(_fractional_labels, 'prob.npy', 'expected integer labels'),
   # Config values.
   'unknown config field': Case(_args('--config.train.epochz=3'), 'epochz', 'configs/base.py'),
+  'renamed config field': Case(
+    _args('--config.segment.batch_size=64'), 'batch_size', 'is now config.model.feature_batch_size'
+  ),
+  'zero feature batch': Case(
+    _args('--config.model.feature_batch_size=0'), 'model.feature_batch_size', '>= 1'
+  ),
   'misspelled config section': Case(
     _args('--config.trian.epochs_per_period=3'), "'trian'", 'Did you mean "train"'
   ),

@@ -30,6 +30,7 @@ TINY = (
   '--config.train.num_neg=5',
   '--config.segment.stride=6',
   '--config.segment.kmeans_restarts=2',
+  '--config.evaluate.kmeans_restarts=2',
   '--config.evaluate.atropos=False',
 )
 

@@ -29,6 +29,10 @@ NEW_FIELDS += ['data.max_anisotropy', 'data.resample_spacing']
 # data.spacing; it is now data.expected_spacing (a scan's own header wins, a mismatch is logged),
 # and data.spacing stays unset in the paper configs.
 MOVED = {'data.expected_spacing': 'data.spacing'}
+# Fields renamed since the snapshot, value unchanged: each stage reads its own section (the feature
+# batch size serves training and segmentation alike; the baselines' k-means has its own restarts).
+RENAMED = {'model.feature_batch_size': 'segment.batch_size'}
+NEW_FIELDS += ['evaluate.kmeans_restarts']
 
 
 def _get(c, field):
@@ -41,6 +45,9 @@ def _without_new_fields(d):
   for new, old in MOVED.items():
     (new_group, new_name), (old_group, old_name) = new.split('.'), old.split('.')
     assert d[old_group][old_name] == [], f'{old} is set: the paper configs must leave it unset'
+    d[old_group][old_name] = d[new_group].pop(new_name)
+  for new, old in RENAMED.items():
+    (new_group, new_name), (old_group, old_name) = new.split('.'), old.split('.')
     d[old_group][old_name] = d[new_group].pop(new_name)
   for field in NEW_FIELDS:
     group, name = field.split('.')

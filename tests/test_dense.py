@@ -1,14 +1,12 @@
 """Dense grid features: equal to the per-patch path for any stride, slab and block layout."""
 
-import types
-
 import jax
 import numpy as np
 import pytest
-import tensorstore as ts
+from helpers import memory_volume
 
 from configs import base, demo
-from jule3d import dense, features, model, patches
+from jule3d import dense, features, grid, model, patches, sharding
 from jule3d.errors import UserError
 
 MEAN, STD = 100.0, 20.0
@@ -16,8 +14,7 @@ MEAN, STD = 100.0, 20.0
 W = 15
 
 
-def _volume(array: np.ndarray):
-  return types.SimpleNamespace(store=ts.array(array), shape=array.shape, dtype=array.dtype)
+_volume = memory_volume
 
 
 def _model(patch_size, kernel, feats, hidden, embed, seed=0):
@@ -43,7 +40,7 @@ def tiny():
 
 
 def _grid(shape, w, s):
-  axes = patches.grid_axes(shape, w, s)
+  axes = grid.axes(shape, w, s)
   return np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3).astype(np.int32)
 
 
@@ -166,7 +163,7 @@ def test_feature_parts_in_whole_blocks_reproduce_the_unsplit_features_bit_for_bi
     return dense.dense_grid_features(vol, part, W, net, variables, MEAN, STD, **kw)
 
   got = features.resumable_features(
-    compute, centres, str(tmp_path), 'k', planes_per_part=blocks, origin=W // 2, stride=s
+    compute, centres, str(tmp_path), 'k', planes_per_part=blocks, patch_size=W, stride=s
   )
   assert len(calls) == -(-grid_planes // blocks)
   np.testing.assert_array_equal(got, whole)
@@ -192,3 +189,42 @@ def test_per_patch_batches_span_grid_planes(tiny):
     [np.asarray(fn(variables, (raw[i : i + 64] - MEAN) / STD)) for i in range(0, len(raw), 64)]
   )
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_training_and_grid_features_share_one_batch_loop(tiny):
+  # extract_features (normalised patches on the device, as training holds them) and grid_features
+  # (streamed from the volume) run the same padded batch loop: the same patches give the same
+  # features bit for bit, and every CNN call sees exactly one full batch.
+  _, net, variables = tiny
+  vol = _volume(_random((30, 21, 22)))
+  centres = _grid(vol.shape, W, 3)
+  fn = model.make_embed_fn(net)
+  calls = []
+
+  def counted(v, x):
+    calls.append(x.shape[0])
+    return fn(v, x)
+
+  streamed = features.grid_features(vol, centres, W, counted, variables, MEAN, STD, 40)
+  on_device = jax.numpy.asarray(patches.normalise(patches.read_patches(vol, centres, W), MEAN, STD))
+  trained = features.extract_features(counted, variables, on_device, 40)
+  assert len(centres) % 40 and set(calls) == {40}
+  assert len(calls) == 2 * -(-len(centres) // 40)
+  np.testing.assert_array_equal(streamed, trained)
+
+
+def test_embed_batches_pads_short_batches_and_keeps_each_row():
+  # Rows land at their indices, whatever order the batches come in; a short batch is padded to the
+  # batch size and the padding's outputs are dropped.
+  x = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+  seen = []
+
+  def fn(_, b):
+    seen.append(np.asarray(b)[:, 0].tolist())
+    return b * 2.0
+
+  idx = [np.array([7, 2, 9, 0]), np.array([5, 1])]
+  got = features.embed_batches(fn, None, ((i, x[i]) for i in idx), 10, 4, sharding.mesh())
+  assert seen == [[7, 2, 9, 0], [5, 1, 1, 1]]
+  rows = np.concatenate(idx)
+  np.testing.assert_array_equal(got[rows], x[rows] * 2.0)

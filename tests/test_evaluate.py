@@ -145,6 +145,7 @@ def _config(k=3, threshold=500.0, max_fit=3000, figures=True, atropos=False):
   c.evaluate.atropos = atropos
   c.segment.num_segments = k
   c.segment.kmeans_restarts = 2
+  c.evaluate.kmeans_restarts = 2
   c.data.threshold = threshold
   c.evaluate.kmeans_max_fit = max_fit
   c.evaluate.figures = figures

@@ -1,19 +1,13 @@
-"""Patch geometry: sampled centres, the stride grid, batched reads, normalisation statistics."""
-
-import itertools
-import types
+"""Patch geometry: sampled centres, batched reads, normalisation statistics."""
 
 import numpy as np
 import pytest
-import tensorstore as ts
+from helpers import memory_volume
 
 from jule3d import patches
 from jule3d.errors import UserError
 
-
-def _volume(array: np.ndarray):
-  # The patch code needs only .store/.shape/.dtype of jule3d.volume.Volume: an in-memory store.
-  return types.SimpleNamespace(store=ts.array(array), shape=array.shape, dtype=array.dtype)
+_volume = memory_volume
 
 
 def _random_volume(shape, seed=0, dtype=np.int16):
@@ -61,20 +55,6 @@ def test_too_few_centres_names_the_count():
 def test_patch_larger_than_volume():
   with pytest.raises(UserError, match='axis 2 has 6 voxels'):
     patches.sample_centres(_volume(np.ones((20, 20, 6))), 1, 9, 0, 'above', 0)
-
-
-@pytest.mark.parametrize('shape', [(20, 21, 22), (19, 17, 25), (13, 13, 13)])
-@pytest.mark.parametrize('w,s', [(5, 3), (7, 5), (9, 4), (13, 13)])
-def test_grid_matches_brute_force(shape, w, s):
-  arr = _random_volume(shape, seed=sum(shape) + w)
-  vol = _volume(arr)
-  got = patches.grid_centres(vol, w, s, 500, 'above', slab_depth=2)
-  h = w // 2
-  want = [c for c in itertools.product(*(range(h, n - h, s) for n in shape)) if arr[c] >= 500]
-  np.testing.assert_array_equal(got, np.array(want, dtype=np.int32).reshape(-1, 3))
-  # Every candidate position is on the stride lattice starting at the first valid centre.
-  axes = patches.grid_axes(shape, w, s)
-  assert [len(a) for a in axes] == [len(range(h, n - h, s)) for n in shape]
 
 
 def test_batched_reads_equal_numpy_slicing():

@@ -19,6 +19,7 @@ def _config(k=3, threshold=500.0):
   c.evaluate.atropos = False
   c.segment.num_segments = k
   c.segment.kmeans_restarts = 2
+  c.evaluate.kmeans_restarts = 2
   c.evaluate.kmeans_max_fit = 2000
   c.data.threshold = threshold
   return c

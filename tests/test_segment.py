@@ -10,31 +10,6 @@ from helpers import run_cli
 from jule3d import features, segment, volume
 
 
-@pytest.mark.parametrize('stride', [1, 2, 4, 5])
-def test_paint_covers_each_block_with_its_label(stride):
-  shape = (23, 19, 21)
-  rng = np.random.default_rng(stride)
-  h = 4
-  axes = [np.arange(h, n - h, stride) for n in shape]
-  grid = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3)
-  keep = rng.random(len(grid)) < 0.6
-  centres = grid[keep].astype(np.int32)
-  labels = rng.integers(1, 4, len(centres)).astype(np.uint8)
-  want = np.zeros(shape, np.uint8)
-  lo = stride // 2
-  for (z, y, x), lab in zip(centres, labels, strict=True):
-    want[z - lo : z - lo + stride, y - lo : y - lo + stride, x - lo : x - lo + stride] = lab
-  got = np.concatenate(
-    [
-      segment.paint_slab(z0, min(z0 + 6, shape[0]), shape, centres, labels, stride)
-      for z0 in range(0, shape[0], 6)
-    ]
-  )
-  np.testing.assert_array_equal(got, want)
-  # Blocks tile: every covered voxel belongs to exactly one centre's block.
-  assert (got > 0).sum() == len(centres) * stride**3
-
-
 def test_outputs_keep_shape_spacing_and_affine(smoke_run):
   img = volume.open_volume(os.path.join(smoke_run, 'phantom', 'image.zarr'))
   seg = volume.open_volume(os.path.join(smoke_run, segment.SEGMENTATION))
@@ -126,20 +101,20 @@ def test_features_resume_after_a_crash_without_recomputing_done_parts(tmp_path):
 
   with pytest.raises(RuntimeError):
     features.resumable_features(
-      compute, centres, str(tmp_path), 'k', planes_per_part=2, origin=2, stride=3
+      compute, centres, str(tmp_path), 'k', planes_per_part=2, patch_size=5, stride=3
     )
   done_before = len(calls) - 1
   calls.clear()
   crash_at[0] = None
   got = features.resumable_features(
-    compute, centres, str(tmp_path), 'k', planes_per_part=2, origin=2, stride=3
+    compute, centres, str(tmp_path), 'k', planes_per_part=2, patch_size=5, stride=3
   )
   np.testing.assert_array_equal(got, centres * 2.0)
   # 10 grid planes in parts of 2: 5 parts, 2 finished before the crash are not computed again.
   assert done_before == 2 and len(calls) == 3
   # Another key (model or grid) never reuses these parts.
   other = features.resumable_features(
-    lambda p: p * 3.0, centres, str(tmp_path), 'other', planes_per_part=2, origin=2, stride=3
+    lambda p: p * 3.0, centres, str(tmp_path), 'other', planes_per_part=2, patch_size=5, stride=3
   )
   np.testing.assert_array_equal(other, centres * 3.0)
 

@@ -63,7 +63,7 @@ _DENSE_PARTS = """
 import collections, json, sys, tempfile, types
 import jax, numpy as np, tensorstore as ts
 from configs import base
-from jule3d import dense, features, model, patches
+from jule3d import dense, features, grid, model, patches
 
 cfg = base.get_config().model
 cfg.conv_features, cfg.kernel_size, cfg.hidden_dim, cfg.embed_dim, cfg.init_std = (4, 5, 6), 3, 7, 5, 0.2
@@ -71,7 +71,7 @@ net = model.build_model(cfg)
 v = jax.tree.map(np.asarray, model.init_variables(net, jax.random.key(0), 15))
 arr = np.random.default_rng(1).normal(100, 20, (70, 22, 24)).astype(np.float32)
 vol = types.SimpleNamespace(store=ts.array(arr), shape=arr.shape, dtype=arr.dtype)
-axes = patches.grid_axes(arr.shape, 15, 2)
+axes = grid.axes(arr.shape, 15, 2)
 centres = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3).astype(np.int32)
 kw = dict(stride=2, memory_mb=0.05)
 whole = dense.dense_grid_features(vol, centres, 15, net, v, 100.0, 20.0, **kw)
@@ -87,7 +87,7 @@ def compute_on(device):
 
 got = features.features_by_parts(
   compute_on, jax.local_devices(), centres, tempfile.mkdtemp(), 'k', blocks,
-  {'origin': 7, 'stride': 2},
+  {'patch_size': 15, 'stride': 2},
 )
 print(json.dumps({'equal': bool(np.array_equal(got, whole)), 'devices': len(used),
                   'parts': sum(used.values()) - used[str(jax.local_devices()[0])]}))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jule3d import patches, specimen, volume
+from jule3d import grid, patches, specimen, volume
 
 AIR, TISSUE, THRESHOLD = 1000, 3000, 2000
 
@@ -98,15 +98,17 @@ def test_specimen_domain_holds_the_enclosed_air_not_the_outside(ball):
   assert not dom[r >= 13 + 2 * 4 * np.sqrt(3)].any()
   # The grid and the training samples of the 'specimen' domain reach into the cavity.
   w = 9
-  grid = patches.grid_centres(vol, w, 1, THRESHOLD, 'above', interior=interior)
-  plain = patches.grid_centres(vol, w, 1, THRESHOLD, 'above')
-  in_cavity = cavity[tuple(grid.T)]
+  domain_grid = grid.centres(vol, w, 1, THRESHOLD, 'above', interior=interior)
+  plain = grid.centres(vol, w, 1, THRESHOLD, 'above')
+  in_cavity = cavity[tuple(domain_grid.T)]
   assert in_cavity.sum() == cavity.sum() and not cavity[tuple(plain.T)].any()
-  assert len(grid) == len(plain) + int(np.count_nonzero(dom & ~tissue & _centre_box(n, w)))
+  assert len(domain_grid) == len(plain) + int(np.count_nonzero(dom & ~tissue & _centre_box(n, w)))
   counts = patches.count_foreground_centres(vol, w, THRESHOLD, 'above', interior=interior)
-  assert counts.sum() == len(grid)
-  picked = patches.sample_centres(vol, len(grid), w, THRESHOLD, 'above', 0, interior=interior)
-  np.testing.assert_array_equal(np.unique(picked, axis=0), np.unique(grid, axis=0))
+  assert counts.sum() == len(domain_grid)
+  picked = patches.sample_centres(
+    vol, len(domain_grid), w, THRESHOLD, 'above', 0, interior=interior
+  )
+  np.testing.assert_array_equal(np.unique(picked, axis=0), np.unique(domain_grid, axis=0))
 
 
 def _centre_box(n, w):

@@ -59,7 +59,7 @@ context manager (outputs streamed slab by slab), `write_nifti`, `write_itk` (.nr
 'affine') attributes or header fields that `open_volume` reads back unchanged.
 """
 
-from jule3d.volume.core import GEOMETRIES, SUPPORTED, Volume
+from jule3d.volume.core import GEOMETRIES, SUPPORTED, Volume, read_ahead
 from jule3d.volume.geometry import affine_spacing
 from jule3d.volume.integrity import (
   check_same_grid,
@@ -91,6 +91,7 @@ __all__ = [
   'derived_copy',
   'identity',
   'open_volume',
+  'read_ahead',
   'read_errors',
   'same_grid',
   'save_zarr',

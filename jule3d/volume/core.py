@@ -95,11 +95,24 @@ class Volume:
     if depth < 1:
       raise ValueError(f'slab depth must be >= 1, got {depth}')
     n = self.shape[0]
-    future = self.store[0 : min(depth, n)].read()
-    for z0 in range(0, n, depth):
-      z1 = min(z0 + depth, n)
-      current, future = future, (self.store[z1 : min(z1 + depth, n)].read() if z1 < n else None)
-      yield z0, current.result()
+    yield from read_ahead(range(0, n, depth), lambda z0: self.store[z0 : min(z0 + depth, n)].read())
+
+
+def read_ahead(keys, start: Callable) -> Iterator[tuple]:
+  """(key, array) for each key in order, the next key's read already in flight: the one read-ahead.
+
+  Args:
+    keys: what to read, in order (e.g. slab starts).
+    start: key -> a started read (a tensorstore future, or anything with .result()).
+
+  Yields:
+    (key, the read's result as a numpy array); at most two reads are in flight.
+  """
+  keys = list(keys)
+  future = start(keys[0]) if keys else None
+  for i, key in enumerate(keys):
+    current, future = future, (start(keys[i + 1]) if i + 1 < len(keys) else None)
+    yield key, np.asarray(current.result())
 
 
 def _file_kvstore(path: str) -> dict:
