@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   # value here that disagrees with it is refused, unless data.spacing_override.
   c.data.spacing = ()
   c.data.spacing_override = False  # True: data.spacing replaces a file's (direction, origin kept).
-  c.data.cache_chunk = 64  # Edge of the zarr chunks used when converting non-chunked inputs.
+  c.data.cache_chunk = 64  # Edge of the zarr chunks of converted inputs and of the label outputs.
   c.data.builtin = ''  # With no data.path: 'mni152' = the MNI152 T1 template shipped by nilearn.
   c.data.phantom_shape = ()  # With no data.path: generate the built-in phantom of this shape.
   c.data.phantom_seed = 0  # Seed of that phantom (its labels become data.labels).

@@ -169,6 +169,17 @@ def test_feature_parts_in_whole_blocks_reproduce_the_unsplit_features_bit_for_bi
   np.testing.assert_array_equal(got, whole)
 
 
+def _counting(fn):
+  """fn, and the batch size of each of its calls."""
+  calls = []
+
+  def counted(v, x):
+    calls.append(x.shape[0])
+    return fn(v, x)
+
+  return counted, calls
+
+
 def test_per_patch_batches_span_grid_planes(tiny):
   # A grid plane of this volume holds 5 x 6 = 30 patches, a batch 64: batches must be filled across
   # planes (ceil(M / 64) calls, not one padded call per plane), each centre keeping its own features.
@@ -176,12 +187,7 @@ def test_per_patch_batches_span_grid_planes(tiny):
   vol = _volume(_random((40, 23, 25)))
   centres = _grid(vol.shape, W, 2)
   fn = model.make_embed_fn(net)
-  calls = []
-
-  def counted(v, x):
-    calls.append(len(x))
-    return fn(v, x)
-
+  counted, calls = _counting(fn)
   got = features.grid_features(vol, centres, W, counted, variables, MEAN, STD, 64, slab_depth=2)
   assert len(centres) == 13 * 5 * 6 and calls == [64] * -(-len(centres) // 64)
   raw = patches.read_patches(vol, centres, W)
@@ -198,13 +204,7 @@ def test_training_and_grid_features_share_one_batch_loop(tiny):
   _, net, variables = tiny
   vol = _volume(_random((30, 21, 22)))
   centres = _grid(vol.shape, W, 3)
-  fn = model.make_embed_fn(net)
-  calls = []
-
-  def counted(v, x):
-    calls.append(x.shape[0])
-    return fn(v, x)
-
+  counted, calls = _counting(model.make_embed_fn(net))
   streamed = features.grid_features(vol, centres, W, counted, variables, MEAN, STD, 40)
   on_device = jax.numpy.asarray(patches.normalise(patches.read_patches(vol, centres, W), MEAN, STD))
   trained = features.extract_features(counted, variables, on_device, 40)
