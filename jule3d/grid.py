@@ -59,7 +59,7 @@ def centres(
   """
   patches.check_fits(volume.shape, patch_size)
   gz, gy, gx = axes(volume.shape, patch_size, stride)
-  parts = []
+  found = []
   for i0 in range(0, gz.size, slab_depth):
     zs = gz[i0 : i0 + slab_depth]
     # Strided read: only the grid voxels themselves.
@@ -73,10 +73,10 @@ def centres(
       .result()
     )
     iz, iy, ix = np.nonzero(patches.in_domain(vals, threshold, direction, interior, (zs, gy, gx)))
-    parts.append(np.stack([zs[iz], gy[iy], gx[ix]], axis=1))
-  if not parts:
+    found.append(np.stack([zs[iz], gy[iy], gx[ix]], axis=1))
+  if not found:
     return np.zeros((0, 3), dtype=np.int32)
-  return np.concatenate(parts).astype(np.int32)
+  return np.concatenate(found).astype(np.int32)
 
 
 def require(count: int, num_segments: int, stride: int) -> None:
