@@ -33,22 +33,6 @@ def _int_at_least(c: ml_collections.ConfigDict, field: str, low: int) -> int:
   return value
 
 
-def conv_output_size(patch_size: int, kernel_size: int, pool_size: int) -> int:
-  """Edge of the last conv layer's output for the method §2 layout (conv, pool, conv, conv; VALID).
-
-  Args:
-    patch_size: input patch edge.
-    kernel_size: convolution kernel edge.
-    pool_size: max-pool window and stride.
-
-  Returns:
-    The output edge (<= 0 when the patch is too small for the network).
-  """
-  from jule3d import model
-
-  return model.edges(patch_size, kernel_size, pool_size)[3]
-
-
 def validate_config(c: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first field whose value cannot work.
 
@@ -61,14 +45,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check_cluster(c, n_s)
   _check_train(c)
   _check_segment(c, w)
+  _check_evaluate(c)
   _check_distributed(c)
-  s = c.segment
-  _require(
-    s.feature_path in ('auto', 'dense', 'per_patch'),
-    'segment.feature_path',
-    s.feature_path,
-    "'auto', 'dense' or 'per_patch'",
-  )
 
 
 def _check_data(c: ml_collections.ConfigDict) -> None:
@@ -148,7 +126,9 @@ def _check_model(c: ml_collections.ConfigDict, w: int) -> None:
   )
   k = _int_at_least(c, 'model.kernel_size', 1)
   p = _int_at_least(c, 'model.pool_size', 1)
-  out = conv_output_size(w, k, p)
+  from jule3d import model  # the one closed form of the layer edges (jax only on first use)
+
+  out = model.edges(w, k, p)[3]
   _require(
     out >= 1,
     'patches.patch_size',
@@ -232,9 +212,12 @@ def _check_segment(c: ml_collections.ConfigDict, w: int) -> None:
   _int_at_least(c, 'segment.kmeans_restarts', 1)
   _int_at_least(c, 'segment.kmeans_max_fit', 2)
   _int_at_least(c, 'segment.part_planes', 0)
-  _int_at_least(c, 'evaluate.kmeans_max_fit', 2)
-  _int_at_least(c, 'evaluate.kmeans_restarts', 1)
-  _int_at_least(c, 'evaluate.atropos_max_voxels', 1)
+  _require(
+    s.feature_path in ('auto', 'dense', 'per_patch'),
+    'segment.feature_path',
+    s.feature_path,
+    "'auto', 'dense' or 'per_patch'",
+  )
   _require(s.smoothing >= 0, 'segment.smoothing', s.smoothing, 'a number >= 0 (0 = off)')
   _require(
     s.features in SEGMENT_FEATURES,
@@ -248,6 +231,12 @@ def _check_segment(c: ml_collections.ConfigDict, w: int) -> None:
     s.features,
     "'cnn' or 'intensity' with this cluster.initial_features ('initial' needs 'texture')",
   )
+
+
+def _check_evaluate(c: ml_collections.ConfigDict) -> None:
+  _int_at_least(c, 'evaluate.kmeans_max_fit', 2)
+  _int_at_least(c, 'evaluate.kmeans_restarts', 1)
+  _int_at_least(c, 'evaluate.atropos_max_voxels', 1)
 
 
 def _check_distributed(c: ml_collections.ConfigDict) -> None:

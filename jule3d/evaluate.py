@@ -84,15 +84,9 @@ def class_names(labels) -> dict[int, str]:
   return {int(k): str(v) for k, v in names.items() if str(k).isdigit() and int(k) > 0}
 
 
-def _input_image(inputs):
-  # The volume as the user gave it (pipeline.Inputs.input_volume): scores, baselines and the
-  # report live on its grid, also when the method ran on a working copy.
-  return getattr(inputs, 'input_volume', None) or inputs.image
-
-
 def _working_grid(inputs, img) -> dict | None:
   # Where the method ran, when not on the input's own grid (jule3d/working.py).
-  grid = getattr(inputs, 'grid', None)
+  grid = inputs.grid
   if grid is None:
     return None
   from jule3d import working
@@ -171,10 +165,10 @@ def summarise(
        method's labels to jule3d's over the voxels jule3d labelled (colours without a reference)}.
   """
   c = inputs.config
-  img = _input_image(inputs)
-  interior = getattr(inputs, 'interior', None)
+  img = inputs.input_volume  # scores and the report live on the input's grid
+  interior = inputs.interior
   domain = c.patches.domain
-  if getattr(inputs, 'grid', None) is not None:  # the interior lives on the working grid
+  if inputs.grid is not None:  # the interior lives on the working grid
     interior, domain = None, 'foreground'
   thr, direction = float(c.data.threshold), c.data.foreground
   shape = tuple(img.shape)
@@ -247,7 +241,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
   """
   t0 = time.time()
   c = inputs.config
-  img, labels = _input_image(inputs), inputs.labels
+  img, labels = inputs.input_volume, inputs.labels
   seg = _open_segmentation(inputs, workdir, img)
   tables = {}
   if labels is not None:
@@ -280,7 +274,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
   drawn, figure_errors = {}, {}
   if c.evaluate.figures:
     drawn, figure_errors = figures.write_figures(
-      workdir, inputs, {'jule3d': seg, **ready}, planes, colouring, names, history, classes
+      workdir, img, labels, {'jule3d': seg, **ready}, planes, colouring, names, history, classes
     )
   timings = _read_json(os.path.join(workdir, TIMINGS))
   timings = timings if isinstance(timings, dict) else {}

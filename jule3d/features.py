@@ -60,7 +60,7 @@ def grid_features(
 
 
 def _streamed_batches(image, centres, patch_size, mean, std, batch_size: int, slab_depth: int):
-  """(indices, normalised patches) batches of the grid centres, read slab by slab (grid_features).
+  """(indices, gather) batches of the grid centres for embed_batches, read slab by slab.
 
   Batches are filled across slabs: a grid plane of a small volume can hold fewer patches than a
   batch, and padding each plane's last batch wasted most of every call there (measured: paper CNN,
@@ -79,7 +79,10 @@ def _streamed_batches(image, centres, patch_size, mean, std, batch_size: int, sl
     idx, raw = np.concatenate(held_idx), np.concatenate(held)
     full = count if last else count // batch_size * batch_size
     for i in range(0, full, batch_size):
-      yield idx[i : i + batch_size], patches.normalise(raw[i : i + batch_size], mean, std)
+      yield (
+        idx[i : i + batch_size],
+        patches.normalise(raw[i : i + batch_size], mean, std).__getitem__,
+      )
     held_idx, held = [idx[full:]], [raw[full:]]
     done = read - (count - full)
     if done >= next_log * len(centres):
@@ -94,8 +97,9 @@ def resumable_features(
   progress_dir: str,
   key: str,
   planes_per_part: int,
-  patch_size: int = 1,
-  stride: int = 1,
+  *,
+  patch_size: int,
+  stride: int,
   owned=None,
 ) -> np.ndarray | None:
   """Features of the grid in parts of a few grid planes, each saved on completion.
@@ -157,7 +161,8 @@ def features_by_parts(
   progress: str,
   key: str,
   per_part: int,
-  lattice: dict,
+  patch_size: int,
+  stride: int,
 ) -> np.ndarray | None:
   """Grid features in resumable parts (resumable_features), dealt over devices and processes.
 
@@ -171,12 +176,14 @@ def features_by_parts(
     progress: folder for the parts.
     key: identity of the grid and model (resumable_features).
     per_part: grid planes per part.
-    lattice: {'patch_size', 'stride'} of the grid.
+    patch_size: w of the grid.
+    stride: its step.
 
   Returns:
     [M, D] features in the primary process; None in the others.
   """
   procs, me, n = jax.process_count(), jax.process_index(), len(devices)
+  grid_of = {'patch_size': patch_size, 'stride': stride}
   workers = procs * n
   if workers > 1:
 
@@ -184,7 +191,7 @@ def features_by_parts(
       j = me * n + d
       owned = lambda i: i % workers == j  # noqa: E731
       resumable_features(
-        compute_on(devices[d]), centres, progress, key, per_part, owned=owned, **lattice
+        compute_on(devices[d]), centres, progress, key, per_part, owned=owned, **grid_of
       )
 
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
@@ -192,7 +199,7 @@ def features_by_parts(
     sharding.barrier('jule3d-features')
     if not sharding.is_primary():
       return None
-  return resumable_features(compute_on(devices[0]), centres, progress, key, per_part, **lattice)
+  return resumable_features(compute_on(devices[0]), centres, progress, key, per_part, **grid_of)
 
 
 def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std: float):
@@ -224,6 +231,14 @@ def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std:
 _take = jax.jit(lambda data, idx: data[idx])
 
 
+def _padded_rows(n: int, batch_size: int):
+  """The rows of a batch of n patches that fill one CNN call: all of them (a full batch), or rows
+  0..n-1 and then row n-1 again up to batch_size (a short one)."""
+  if n == batch_size:
+    return slice(None)
+  return np.minimum(np.arange(batch_size), n - 1).astype(np.int32)
+
+
 def embed_batches(embed_fn, variables, batches, num: int, batch_size: int, m) -> np.ndarray:
   """The one padded batch loop: CNN features of `num` patches, batch by batch.
 
@@ -234,8 +249,8 @@ def embed_batches(embed_fn, variables, batches, num: int, batch_size: int, m) ->
   Args:
     embed_fn: model.make_embed_fn(net).
     variables: {'params', 'batch_stats'}.
-    batches: (indices into the output, normalised patches [n <= batch_size, w, w, w]) pairs; the
-      patches on the host (numpy) or on the devices.
+    batches: (indices into the output, gather) pairs, one per batch of n <= batch_size patches:
+      gather(rows) gives the normalised patches at those rows of the batch (host or device).
     num: rows of the output.
     batch_size: patches per CNN call.
     m: the mesh each batch is split over.
@@ -244,11 +259,10 @@ def embed_batches(embed_fn, variables, batches, num: int, batch_size: int, m) ->
     [num, embed_dim] float32 (None when `batches` is empty).
   """
   feats = None
-  for idx, x in batches:
+  for idx, gather in batches:
     n = len(idx)
-    rows = np.minimum(np.arange(batch_size), n - 1).astype(np.int32)
-    padded = x[rows] if isinstance(x, np.ndarray) else _take(x, rows)
-    out = sharding.to_host(embed_fn(variables, sharding.put_batch(padded, m)))
+    x = gather(_padded_rows(n, batch_size))
+    out = sharding.to_host(embed_fn(variables, sharding.put_batch(x, m)))
     if feats is None:
       feats = np.empty((num, out.shape[1]), np.float32)
     feats[idx] = out[:n]
@@ -269,10 +283,10 @@ def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> n
   """
   n = data.shape[0]
 
-  def batches():
+  def batches():  # one device gather per batch, of its padded rows: one shape, one compile
     for i in range(0, n, batch_size):
       idx = np.arange(i, min(i + batch_size, n), dtype=np.int32)
-      yield idx, _take(data, idx)
+      yield idx, lambda rows, idx=idx: _take(data, idx[rows])
 
   return embed_batches(embed_fn, variables, batches(), n, batch_size, sharding.mesh())
 

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from jule3d import files
+from jule3d import baselines, files
 from jule3d.workdir import FIGURES
 
 _PANEL_IN = 3.2  # panel width, inches
@@ -131,7 +131,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def write_figures(
-  workdir, inputs, predictions, planes, scores, names, history, classes=()
+  workdir, image, reference, predictions, planes, scores, names, history, classes=()
 ) -> tuple[dict[str, str], dict[str, str]]:
   """Writes figures/slices.png and (with a training history) figures/training.png.
 
@@ -140,7 +140,8 @@ def write_figures(
 
   Args:
     workdir: the run directory.
-    inputs: pipeline.Inputs (image and reference labels, which may be None).
+    image: the volume as the user gave it (pipeline.Inputs.input_volume).
+    reference: its reference labels, or None.
     predictions: method name -> label Volume.
     planes: annotated voxels per axis-0 plane, or None without a reference.
     scores: 'nmi' (may be empty) and 'matching' (see draw_slices).
@@ -153,10 +154,9 @@ def write_figures(
   """
   folder = os.path.join(workdir, FIGURES)
   os.makedirs(folder, exist_ok=True)
-  image = getattr(inputs, 'input_volume', None) or inputs.image
   jobs = {
     'slices': lambda path: draw_slices(
-      path, image, inputs.labels, predictions, planes, scores, names, classes=classes
+      path, image, reference, predictions, planes, scores, names, classes=classes
     )
   }
   if history and history.get('periods'):
@@ -212,7 +212,7 @@ def draw_slices(path, image, reference, predictions, planes, scores, names, *, c
   cuts = [_cut(image, a, pos[a]).astype(np.float64) for a in range(3)]
   lo, hi = np.percentile(np.concatenate([c.ravel() for c in cuts]), [0.5, 99.5])
   refs = None if reference is None else [_cut(reference, a, pos[a]) for a in range(3)]
-  methods = ['jule3d', 'kmeans_intensity', 'multi_otsu']
+  methods = ['jule3d', *baselines.NAMES]
   methods += [m for m in predictions if m not in methods]  # the optional baselines computed
   columns = ['image', *([] if refs is None else ['reference']), *methods]
   matching = {

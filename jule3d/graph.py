@@ -20,7 +20,8 @@ class DegenerateFeatures(ValueError):
   """
 
 
-def _check_features(x, where: str) -> jax.Array:
+def check_features(x, where: str) -> jax.Array:
+  """x as float32 (n, d), n >= 2: ValueError for a wrong shape, DegenerateFeatures for NaN/inf."""
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
     raise ValueError(
@@ -50,7 +51,7 @@ def knn_graph(x: jax.Array, k: int, *, block_size: int = 1024) -> tuple[jax.Arra
   Raises:
     ValueError: bad shape or k out of range (DegenerateFeatures: non-finite features).
   """
-  x = _check_features(x, 'knn_graph')
+  x = check_features(x, 'knn_graph')
   n = x.shape[0]
   if not (isinstance(k, (int, np.integer)) and 1 <= k <= n - 1):
     raise ValueError(
@@ -165,19 +166,24 @@ def _gdl_unnormalised(idx, w, lab, num_slots: int):
   return a_us.reshape(num_slots, num_slots)
 
 
-def _symmetric(a_us, sizes, active):
-  s = jnp.where(active, sizes, 1).astype(a_us.dtype)
-  b = a_us / (s * s)[:, None]
-  return b + b.T
+def affinity_terms(idx, w, lab, num_slots: int, fill: float):
+  """Traceable core of gdl_affinity (also the merge loop's start): (A, A_us, cluster sizes).
 
-
-@functools.partial(jax.jit, static_argnames=('num_slots',))
-def _gdl(idx, w, lab, num_slots: int):
+  A holds `fill` on the diagonal and for empty slots (gdl_affinity: 0; the merge loop: -inf).
+  """
   a_us = _gdl_unnormalised(idx, w, lab, num_slots)
   sizes = jnp.zeros(num_slots, jnp.int32).at[lab].add(1)
   active = sizes > 0
   keep = active[:, None] & active[None, :] & ~jnp.eye(num_slots, dtype=bool)
-  return jnp.where(keep, _symmetric(a_us, sizes, active), 0.0), a_us
+  s = jnp.where(active, sizes, 1).astype(a_us.dtype)
+  b = a_us / (s * s)[:, None]
+  return jnp.where(keep, b + b.T, fill), a_us, sizes
+
+
+@functools.partial(jax.jit, static_argnames=('num_slots',))
+def _gdl(idx, w, lab, num_slots: int):
+  aff, a_us, _ = affinity_terms(idx, w, lab, num_slots, 0.0)
+  return aff, a_us
 
 
 def gdl_affinity(

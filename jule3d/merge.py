@@ -138,12 +138,7 @@ def _join_blocks(order, start, m, r, size_m, size_r):
 def _initial_state(x, idx, w, lab, p: int, k_c: int, member_chunk: int) -> _Loop:
   """The loop's state before the first merge: affinities, top-K_c caches, member blocks."""
   n = lab.shape[0]
-  slots = jnp.arange(p)
-  a_us = graph._gdl_unnormalised(idx, w, lab, p)
-  sizes = jnp.zeros(p, jnp.int32).at[lab].add(1)
-  active = sizes > 0
-  keep = active[:, None] & active[None, :] & (slots[:, None] != slots[None, :])
-  aff = jnp.where(keep, graph._symmetric(a_us, sizes, active), -jnp.inf)
+  aff, a_us, sizes = graph.affinity_terms(idx, w, lab, p, -jnp.inf)
   top_v, top_i = _top(aff, p, k_c)
   fsum = jax.ops.segment_sum(x, lab, num_segments=p)
   log = jnp.zeros((p, 2), jnp.int32)
@@ -272,7 +267,7 @@ def merge_period(
     (num_merges, 2) int32: per step the best-scoring cluster and its partner, as input labels (a
     merged cluster keeps the lower label of its pair).
   """
-  x = graph._check_features(features, 'merge_period')
+  x = graph.check_features(features, 'merge_period')
   lab = np.asarray(labels)
   n = x.shape[0]
   if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
@@ -340,7 +335,7 @@ def _check_cluster_args(num_target, k_s, k_c, a, lam, unfolding_rate):
 
 
 def _graph(features, k_s: int, a: float):
-  x = graph._check_features(features, 'clustering')
+  x = graph.check_features(features, 'clustering')
   if k_s > x.shape[0] - 1:
     raise ValueError(
       f'cluster_period: k_s = {k_s}; expected at most n - 1 = {x.shape[0] - 1} (one fewer than the '

@@ -231,9 +231,9 @@ def init_variables(model: JuleCNN, rng: jax.Array, patch_size: int) -> dict[str,
 def edges(patch_size: int, kernel_size: int, pool_size: int) -> tuple[int, int, int, int]:
   """The layer layout's per-patch edges (method §2; VALID): conv1 out, pooled, conv2 out, conv3 out.
 
-  The one closed form of the network's geometry, used by the dense path (NetSpec) and the config
-  check (checks.conv_output_size); layer_shapes and flops_per_patch trace the network itself. The
-  last edge is <= 0 when the patch is too small for the network.
+  The one closed form of the network's geometry, used by the dense path (NetSpec), the config
+  check (checks.py) and flops_per_patch; layer_shapes traces the network itself. The last edge is
+  <= 0 when the patch is too small for the network.
   """
   e1 = patch_size - kernel_size + 1
   e2 = e1 // pool_size
@@ -323,18 +323,11 @@ def flops_per_patch(model_cfg: ml_collections.ConfigDict, patch_size: int) -> in
     FLOPs per patch.
   """
   k = int(model_cfg.kernel_size)
-  edge, cin, total = patch_size, 1, 0
-  for i, cout in enumerate(model_cfg.conv_features):
-    edge = edge - k + 1
-    total += 2 * edge**3 * k**3 * cin * cout
-    cin = cout
-    if i == 0:
-      edge //= int(model_cfg.pool_size)
-  flat = edge**3 * cin
-  total += 2 * flat * int(model_cfg.hidden_dim) + 2 * int(model_cfg.hidden_dim) * int(
-    model_cfg.embed_dim
-  )
-  return total
+  c1, c2, c3 = (int(f) for f in model_cfg.conv_features)
+  e1, _, e3, e4 = edges(patch_size, k, int(model_cfg.pool_size))
+  hidden, embed = int(model_cfg.hidden_dim), int(model_cfg.embed_dim)
+  convs = 2 * k**3 * (e1**3 * c1 + e3**3 * c1 * c2 + e4**3 * c2 * c3)
+  return convs + 2 * e4**3 * c3 * hidden + 2 * hidden * embed
 
 
 @functools.partial(jax.jit, static_argnames='model')

@@ -64,7 +64,7 @@ def load_training_data(inputs, centres: np.ndarray | None = None, m=None) -> Tra
     )
     raw = patches.read_patches(inputs.patch_source, centres[mine], w)
     mean, std = patches.stats_from_sums(sharding.sum_over_processes(patches.patch_sums(raw)))
-    local = np.asarray(normalised_on_device(raw, mean, std))
+    local = patches.normalise(raw, mean, std)  # host rows: put_rows places them
     normalised = sharding.put_rows(shape, rows, lambda r: local[np.searchsorted(mine, r)])
   del raw
   truth = None

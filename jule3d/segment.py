@@ -336,8 +336,7 @@ def _grid_features(inputs, workdir, net, variables, meta, centres, path: str):
     devices = jax.local_devices()
   else:  # the per-patch path already splits each batch over the local devices
     compute_on, devices = (lambda _: compute), [None]
-  lattice = {'patch_size': w, 'stride': s}
-  return features.features_by_parts(compute_on, devices, centres, progress, key, per_part, lattice)
+  return features.features_by_parts(compute_on, devices, centres, progress, key, per_part, w, s)
 
 
 def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> np.ndarray:

@@ -224,7 +224,9 @@ def test_embed_batches_pads_short_batches_and_keeps_each_row():
     return b * 2.0
 
   idx = [np.array([7, 2, 9, 0]), np.array([5, 1])]
-  got = features.embed_batches(fn, None, ((i, x[i]) for i in idx), 10, 4, sharding.mesh())
+  got = features.embed_batches(
+    fn, None, ((i, x[i].__getitem__) for i in idx), 10, 4, sharding.mesh()
+  )
   assert seen == [[7, 2, 9, 0], [5, 1, 1, 1]]
   rows = np.concatenate(idx)
   np.testing.assert_array_equal(got[rows], x[rows] * 2.0)

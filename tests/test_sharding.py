@@ -87,7 +87,7 @@ def compute_on(device):
 
 got = features.features_by_parts(
   compute_on, jax.local_devices(), centres, tempfile.mkdtemp(), 'k', blocks,
-  {'patch_size': 15, 'stride': 2},
+  15, 2,
 )
 print(json.dumps({'equal': bool(np.array_equal(got, whole)), 'devices': len(used),
                   'parts': sum(used.values()) - used[str(jax.local_devices()[0])]}))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jule3d import files
 from jule3d.errors import UserError
 from jule3d.phantom.annotate import annotate_slices, annotation_positions
 from jule3d.phantom.generate import (
@@ -89,10 +90,7 @@ def write_phantom(
   volume.save_zarr(paths['image'], image, spacing=spacing)
   volume.save_zarr(paths['labels'], labels, spacing=spacing)
   volume.save_zarr(paths['labels_annotated'], annotate_slices(labels), spacing=spacing)
-  tmp = paths['meta'] + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, paths['meta'])
+  files.write_json_atomic(paths['meta'], record)
   return paths
 
 

@@ -41,7 +41,8 @@ def _default_cache_dir() -> str:
 def _cached_copy(
   source: _Source, kind: str, path: str, cache_dir: str | None, chunk: int, where: str
 ) -> str:
-  stamp = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in source.files]
+  stats = [(os.path.abspath(f), os.stat(f)) for f in source.files]
+  stamp = [(f, st.st_size, st.st_mtime_ns) for f, st in stats]
   key = json.dumps([_CACHE_VERSION, kind, os.path.abspath(path), chunk, stamp])
   stem = re.sub(r'[^A-Za-z0-9._-]', '_', os.path.basename(os.path.abspath(path)))[:60]
   cache_dir = cache_dir or _default_cache_dir()

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
-from jule3d.files import atomic_path, temp_path
+from jule3d.files import atomic_path, remove_path, temp_path
 from jule3d.volume.core import _COMPRESSOR, _SLAB_BYTES, Volume, _file_kvstore
 from jule3d.volume.geometry import _LPS, _output_geometry
 
@@ -87,10 +87,7 @@ def commit_zarr(tmp_path: str, final_path: str, *, overwrite: bool = True) -> No
   except BaseException:
     os.rename(aside, final_path)
     raise
-  if os.path.isdir(aside) and not os.path.islink(aside):
-    shutil.rmtree(aside)
-  else:
-    os.unlink(aside)
+  remove_path(aside)  # the new store is in place: failing to delete the old one is no failure
 
 
 @contextlib.contextmanager
