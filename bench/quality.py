@@ -8,11 +8,12 @@ of the baselines from each report.json, so every figure is measured exactly as a
              mni152      the MNI152 T1 template into CSF/GM/WM (configs/mni152.py; needs nilearn)
   variants   recommended the shipped configs (configs/base.py RECOMMENDED)
              paper       ':paper', the paper's method as it is
-             no_mask, no_domain, raw_init, no_smoothing, no_fill: one extension of the
-                         recommended method off (the ablation)
+             no_mask, no_domain, raw_init, texture_init, flatten_head, no_centre,
+                         no_smoothing, no_fill: one extension of the recommended method off (the
+                         ablation)
              intensity_only, descriptor_only: the same pipeline with the CNN features replaced by
-                         the centre voxel's intensity or the period-0 texture descriptor (what the
-                         method adds by hand; smoothing and fill stay on)
+                         the centre voxel's intensity or the period-0 descriptor (the cue the rule
+                         picks: what the method adds by hand; smoothing and fill stay on)
 
 Variants that change only phase 2 segment with the recommended run's checkpoint
 (`--config.segment.checkpoint`; training is identical), and every run reuses the recommended run's
@@ -56,9 +57,17 @@ VARIANTS = {
     '',
     ['--config.segment.features=initial'],
     False,
-    'hand-made: texture descriptor, no CNN',
+    'hand-made: the period-0 cue, no CNN',
   ),
   'no_smoothing': ('', ['--config.segment.smoothing=0'], False, 'no Potts smoothing'),
+  'texture_init': (
+    '',
+    ['--config.cluster.initial_features=texture'],
+    True,
+    'period 0 on the 3-number texture descriptor (no cue rule)',
+  ),
+  'flatten_head': ('', ['--config.model.head=flatten'], True, "the paper's flatten head"),
+  'no_centre': ('', ['--config.model.centre_size=0'], True, 'no centre path'),
   'no_fill': ('', ['--config.segment.fill=False'], False, 'faces left unlabelled'),
   'raw_init': ('', ['--config.cluster.initial_features=raw'], True, 'period 0 on L2 raw voxels'),
   'no_domain': (

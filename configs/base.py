@@ -71,6 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.pool_size = 2  # Max-pool window and stride after the first convolution.
   c.model.hidden_dim = 1350  # Width of the first dense layer.
   c.model.embed_dim = 160  # Width of the L2-normalised output embedding.
+  # What the dense layers see of the last convolution's map: 'flatten' (the paper: every position,
+  # in order) or 'mean' (each channel averaged over the map: the same for any shift of a texture).
+  c.model.head = 'flatten'
+  # Edge of the patch's central cube fed straight to the dense layers beside the convolutions'
+  # output (0 = none, the paper): a path for the intensity at the centre.
+  c.model.centre_size = 0
   c.model.init_std = 0.01  # Conv/dense weights ~ N(0, init_std^2), biases 0.
   c.model.bn_momentum = 0.9  # BatchNorm running-average momentum (Flax convention).
   c.model.bn_epsilon = 1e-5  # BatchNorm epsilon.
@@ -91,7 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.cluster.lam = 1.0  # lambda: weight of the affinity-gap term in the merge criterion.
   c.cluster.unfolding_rate = 0.9  # eta: merges per period = min(ceil(eta * Nc), Nc - C).
   # What period 0 clusters (jule3d/descriptors.py): 'raw' (the paper: L2-normalised voxels),
-  # 'windowed' (Gaussian-windowed voxels, magnitude kept) or 'texture' (level + local energy).
+  # 'windowed' (Gaussian-windowed voxels, magnitude kept), 'texture' (level + local energy) or
+  # 'cue' (the centre level or the pooled fine energy, whichever forms num_segments tighter groups).
   c.cluster.initial_features = 'raw'
 
   # --- Backward pass: representation learning (method §4) -----------------------------------------
@@ -165,7 +172,9 @@ def get_config() -> ml_collections.ConfigDict:
 RECOMMENDED = {
   'patches.mask_outside': True,
   'patches.domain': 'specimen',
-  'cluster.initial_features': 'texture',
+  'cluster.initial_features': 'cue',
+  'model.head': 'mean',
+  'model.centre_size': 1,
   'segment.smoothing': 1.0,
   'segment.fill': True,
 }

@@ -7,7 +7,7 @@ import ml_collections
 from jule3d.errors import UserError
 
 # config.cluster.initial_features: what period 0 clusters (jule3d/descriptors.py).
-INITIAL_FEATURES = ('raw', 'windowed', 'texture')
+INITIAL_FEATURES = ('raw', 'windowed', 'texture', 'cue')
 # config.segment.features: what phase 2 clusters; 'cnn' is the method, the others are its ablations
 # (the same pipeline with the learned features replaced by a hand-made input, jule3d/features.py).
 SEGMENT_FEATURES = ('cnn', 'intensity', 'initial')
@@ -135,6 +135,14 @@ def _check_model(c: ml_collections.ConfigDict, w: int) -> None:
     w,
     f'a patch large enough for kernel {k} and pool {p} (the last conv output would be {out} voxels)',
   )
+  _require(m.head in ('flatten', 'mean'), 'model.head', m.head, "'flatten' or 'mean'")
+  centre = m.centre_size
+  _require(
+    isinstance(centre, int) and 0 <= centre <= w and (centre == 0 or centre % 2 == 1),
+    'model.centre_size',
+    centre,
+    f'0 (no centre path) or an odd edge up to the patch size {w}',
+  )
   _int_at_least(c, 'model.hidden_dim', 1)
   _int_at_least(c, 'model.embed_dim', 1)
   _int_at_least(c, 'model.feature_batch_size', 1)
@@ -226,10 +234,10 @@ def _check_segment(c: ml_collections.ConfigDict, w: int) -> None:
     ' or '.join(repr(f) for f in SEGMENT_FEATURES),
   )
   _require(
-    s.features != 'initial' or c.cluster.initial_features == 'texture',
+    s.features != 'initial' or c.cluster.initial_features in ('texture', 'cue'),
     'segment.features',
     s.features,
-    "'cnn' or 'intensity' with this cluster.initial_features ('initial' needs 'texture')",
+    "'cnn' or 'intensity' with this cluster.initial_features ('initial' needs 'texture' or 'cue')",
   )
 
 

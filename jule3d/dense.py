@@ -10,8 +10,9 @@ gives, at every grid corner (centre - w//2), exactly the per-patch feature:
     network evaluated phase by phase (same values, same FLOPs), and only the phases that hold a
     grid corner are computed: for a stride that p divides, one phase of p^3;
   fc1 is a (dilated) convolution whose kernel covers the last conv map of one patch: it is
-    evaluated only at the grid corners, by gathering each corner's e^3 x C window (flatten order)
-    and one matmul, followed by fc2 and the L2 normalisation;
+    evaluated only at the grid corners, by gathering each corner's e^3 x C window (flatten order;
+    the 'mean' head averages it per channel) and, with a centre path, the patch's central voxels
+    from the input block, then one matmul, followed by fc2 and the L2 normalisation;
   eval-mode BatchNorm is the per-channel affine scale * rsqrt(var + eps), applied after each conv.
 
 Geometry: the grid is a lattice (origin w//2, step g per axis); the volume is tiled into blocks of
@@ -84,7 +85,7 @@ def _block_cost(b: _Block) -> tuple[int, int]:
       peak_conv += math.prod(o2) * k**3 * c1
     peak_conv += math.prod(o2) * c2 + math.prod(o3) * c3
   corners = math.prod(b.t)
-  flat = e4**3 * c3
+  flat = model.fc1_inputs(c3, e4, n.head, n.centre_size)
   flops += corners * (2 * flat * n.hidden_dim + 2 * n.hidden_dim * n.embed_dim)
   elems = (
     math.prod(b.in_shape())
@@ -179,7 +180,19 @@ def _block_features(block: _Block, variables, x: jax.Array, mean, std) -> jax.Ar
       win[1][None, :, None, None, :, None],
       win[2][None, None, :, None, None, :],
     ]
-    rows.append(g.reshape(len(jz) * len(jy) * len(jx), -1))
+    g = g.reshape(len(jz) * len(jy) * len(jx), -1)
+    if n.head == 'mean':  # the window's mean per channel (model.JuleCNN's 'mean' head)
+      g = jnp.mean(g.reshape(g.shape[0], e4**3, -1), axis=1)
+    if n.centre_size:  # the patch's central voxels (model.JuleCNN's centre pathway)
+      c0 = n.patch_size // 2 - n.centre_size // 2
+      cw = [(block.step * i + c0)[:, None] + np.arange(n.centre_size) for i in (iz, iy, ix)]
+      cv = x[0, ..., 0][
+        cw[0][:, None, None, :, None, None],
+        cw[1][None, :, None, None, :, None],
+        cw[2][None, None, :, None, None, :],
+      ]
+      g = jnp.concatenate([g, cv.reshape(g.shape[0], -1)], axis=1)
+    rows.append(g)
     flat = (iz[:, None, None] * block.t[1] + iy[None, :, None]) * block.t[2] + ix[None, None, :]
     order.append(flat.reshape(-1))
   f = jnp.concatenate(rows) if len(rows) > 1 else rows[0]

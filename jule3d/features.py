@@ -223,8 +223,10 @@ def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std:
     return patches.normalise(np.asarray(vals), mean, std)[:, None]
   vol = inputs.patch_source
   x = patches.normalise(vol.read((0, 0, 0), vol.shape), mean, std)
-  feats = descriptors.texture_volume(x, c.patches.patch_size)[tuple(centres.T)]
-  return descriptors.finish('texture', feats)
+  kind = c.cluster.initial_features
+  of_volume = descriptors.cue_volume if kind == 'cue' else descriptors.texture_volume
+  feats = of_volume(x, c.patches.patch_size)[tuple(centres.T)]
+  return descriptors.finish(kind, feats, c.segment.num_segments)
 
 
 # One jitted gather for every call (jitting a lambda inside the function compiled it per period).
@@ -293,4 +295,6 @@ def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> n
 
 def initial_features(c, data: jax.Array) -> np.ndarray:
   """Period-0 features of the training patches (config.cluster.initial_features; descriptors.py)."""
-  return descriptors.initial_features(c.cluster.initial_features, data, sharding.to_host)
+  return descriptors.initial_features(
+    c.cluster.initial_features, data, sharding.to_host, c.segment.num_segments
+  )

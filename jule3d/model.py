@@ -1,5 +1,14 @@
 """The 3D JULE CNN (method §2): three VALID 3D convolutions, two dense layers, L2-normalised output.
 
+Two extensions of the paper's network, each off in the paper's configs (method §7):
+  head 'mean'      the dense layers see each channel of the last convolution's map averaged over
+                   the map instead of the map position by position ('flatten'): the same features
+                   for any shift of a texture (two patches of one random-phase texture have nearly
+                   uncorrelated voxels but the same filter energies);
+  centre_size c    the patch's central c^3 voxels go straight to the dense layers beside the
+                   convolutions' output: a full-resolution path for the intensity at the centre,
+                   which the convolutions and the pooling otherwise mix with the whole patch.
+
 The convolutions (xla, im2col, oneDNN, and conv_impl 'auto') are in jule3d/convolution.py.
 With dtype 'bfloat16' activations and kernels are cast to bfloat16 for the convolutions and dense
 layers, which accumulate and return float32; parameters, BatchNorm and the output stay float32.
@@ -110,6 +119,8 @@ class JuleCNN(nn.Module):
   bn_epsilon: float = 1e-5
   conv_impl: str = 'auto'
   dtype: str = 'float32'
+  head: str = 'flatten'
+  centre_size: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -130,6 +141,8 @@ class JuleCNN(nn.Module):
     x = jnp.asarray(x, jnp.float32)
     if x.ndim == 4:
       x = x[..., None]
+    lo, hi = x.shape[1] // 2 - self.centre_size // 2, x.shape[1] // 2 + self.centre_size // 2 + 1
+    centre = x[:, lo:hi, lo:hi, lo:hi, 0].reshape(x.shape[0], -1)  # empty when centre_size is 0
     bn_mask = None
     if train and mask is not None:
       bn_mask = jnp.asarray(mask, bool).reshape(-1, 1, 1, 1, 1)
@@ -149,7 +162,9 @@ class JuleCNN(nn.Module):
       if i == 0:
         x = max_pool3d(x, self.pool_size)
         self.sow('intermediates', 'pool1', x)
-    x = x.reshape(x.shape[0], -1)
+    x = x.reshape(x.shape[0], -1) if self.head == 'flatten' else jnp.mean(x, axis=(1, 2, 3))
+    if self.centre_size:
+      x = jnp.concatenate([x, centre], axis=1)
     self.sow('intermediates', 'flatten', x)
     x = nn.relu(Dense(self.hidden_dim, self.init_std, cdt, name='fc1')(x))
     x = Dense(self.embed_dim, self.init_std, cdt, name='fc2')(x)
@@ -176,6 +191,8 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> JuleCNN:
     bn_epsilon=float(model_cfg.bn_epsilon),
     conv_impl=str(model_cfg.conv_impl),
     dtype=str(model_cfg.dtype),
+    head=str(model_cfg.head),
+    centre_size=int(model_cfg.centre_size),
   )
 
 
@@ -240,6 +257,12 @@ def edges(patch_size: int, kernel_size: int, pool_size: int) -> tuple[int, int, 
   return e1, e2, e2 - kernel_size + 1, e2 - 2 * (kernel_size - 1)
 
 
+def fc1_inputs(channels: int, last_edge: int, head: str, centre_size: int) -> int:
+  """Width of the first dense layer's input: the last conv map as the head gives it, plus the
+  centre path's voxels."""
+  return (last_edge**3 if head == 'flatten' else 1) * channels + centre_size**3
+
+
 @dataclasses.dataclass(frozen=True)
 class NetSpec:
   """The network's hyper-parameters for one patch size (hashable: a jit key of the dense path)."""
@@ -253,6 +276,8 @@ class NetSpec:
   impl: str  # resolved conv_impl: 'xla', 'im2col' or 'onednn'
   dtype: str
   patch_size: int
+  head: str = 'flatten'
+  centre_size: int = 0
 
   def edges(self) -> tuple[int, int, int, int]:
     """Per-patch edges: conv1 output, pooled, conv2 output, conv3 output (module `edges`)."""
@@ -271,6 +296,8 @@ def net_spec(net: JuleCNN, patch_size: int) -> NetSpec:
     impl=resolve_conv_impl(str(net.conv_impl), str(net.dtype)),
     dtype=str(net.dtype),
     patch_size=int(patch_size),
+    head=str(net.head),
+    centre_size=int(net.centre_size),
   )
 
 
@@ -327,7 +354,8 @@ def flops_per_patch(model_cfg: ml_collections.ConfigDict, patch_size: int) -> in
   e1, _, e3, e4 = edges(patch_size, k, int(model_cfg.pool_size))
   hidden, embed = int(model_cfg.hidden_dim), int(model_cfg.embed_dim)
   convs = 2 * k**3 * (e1**3 * c1 + e3**3 * c1 * c2 + e4**3 * c2 * c3)
-  return convs + 2 * e4**3 * c3 * hidden + 2 * hidden * embed
+  flat = fc1_inputs(c3, e4, str(model_cfg.head), int(model_cfg.centre_size))
+  return convs + 2 * flat * hidden + 2 * hidden * embed
 
 
 @functools.partial(jax.jit, static_argnames='model')

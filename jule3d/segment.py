@@ -42,6 +42,8 @@ from jule3d.workdir import (
 # Fields that must agree between the config and the checkpoint's config for features to mean the
 # same thing.
 _MODEL_FIELDS = ('conv_features', 'kernel_size', 'pool_size', 'hidden_dim', 'embed_dim')
+# Fields added later, with the value that checkpoints written before them were trained with.
+_MODEL_DEFAULTS = {'head': 'flatten', 'centre_size': 0}
 
 
 def load_model(config, workdir: str):
@@ -65,10 +67,11 @@ def load_model(config, workdir: str):
 
   def load(step: int):
     trained = checkpoint.read_meta(mgr, step)['config']
+    had = {**_MODEL_DEFAULTS, **trained['model']}
     mismatches = [
-      (f'model.{f}', trained['model'][f], config.model[f])
-      for f in _MODEL_FIELDS
-      if _norm(trained['model'][f]) != _norm(config.model[f])
+      (f'model.{f}', had[f], config.model[f])
+      for f in (*_MODEL_FIELDS, *_MODEL_DEFAULTS)
+      if _norm(had[f]) != _norm(config.model[f])
     ]
     if trained['patches']['patch_size'] != config.patches.patch_size:
       mismatches.insert(

@@ -18,6 +18,8 @@ PAPER_VALUES = {
   'segment.smoothing': 0.0,
   'segment.fill': False,
   'segment.features': 'cnn',
+  'model.head': 'flatten',
+  'model.centre_size': 0,
 }
 # Fields added since the snapshot: the extensions' switches and the Atropos baseline's settings.
 NEW_FIELDS = [f for f in PAPER_VALUES if f != 'patches.mask_outside']

@@ -17,8 +17,9 @@ W = 15
 _volume = memory_volume
 
 
-def _model(patch_size, kernel, feats, hidden, embed, seed=0):
+def _model(patch_size, kernel, feats, hidden, embed, seed=0, **fields):
   cfg = base.get_config().model
+  cfg.update(fields)
   cfg.conv_features = feats
   cfg.kernel_size = kernel
   cfg.hidden_dim = hidden
@@ -77,6 +78,20 @@ def test_dense_equals_per_patch(tiny, shape, stride, kwargs):
   assert got.shape == want.shape and got.dtype == np.float32
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
   # The comparison means something only if the features vary over the volume.
+  assert got.std(axis=0).max() > 0.05
+
+
+@pytest.mark.parametrize(
+  'fields', [{'head': 'mean'}, {'centre_size': 3}, {'head': 'mean', 'centre_size': 5}]
+)
+@pytest.mark.parametrize('shape, stride', [((22, 19, 24), 1), ((23, 20, 21), 3)])
+def test_dense_equals_per_patch_for_each_head(fields, shape, stride):
+  _, net, variables = _model(W, 3, (4, 5, 6), 7, 5, **fields)
+  vol = _volume(_random(shape))
+  centres = _grid(shape, W, stride)
+  got = dense.dense_grid_features(vol, centres, W, net, variables, MEAN, STD, stride=stride)
+  want = _per_patch(vol, centres, W, net, variables)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
   assert got.std(axis=0).max() > 0.05
 
 

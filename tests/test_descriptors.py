@@ -70,3 +70,48 @@ def test_texture_volume_equals_the_per_patch_descriptor():
   )
   want = np.asarray(descriptors.texture_raw(jnp.asarray(patches)))
   np.testing.assert_allclose(full[tuple(centres.T)], want, rtol=2e-4, atol=2e-4)
+
+
+def test_cue_volume_equals_the_per_patch_descriptor():
+  rng = np.random.default_rng(3)
+  vol = rng.normal(size=(30, 28, 26)).astype(np.float32)
+  w = 15
+  full = descriptors.cue_volume(vol, w)
+  centres = np.array([[7, 7, 7], [15, 13, 18], [22, 20, 18], [10, 14, 12]])
+  h = w // 2
+  patches = np.stack(
+    [vol[z - h : z + h + 1, y - h : y + h + 1, x - h : x + h + 1] for z, y, x in centres]
+  )
+  want = np.asarray(descriptors.cue_raw(jnp.asarray(patches)))
+  assert want.shape == (4, 2)
+  np.testing.assert_allclose(full[tuple(centres.T)], want, rtol=2e-4, atol=2e-4)
+
+
+def test_cue_energy_is_a_fine_texture_not_a_level_step():
+  # A level step in the window, off the centre (a region edge), has little fine energy where
+  # the pooling looks; a fine texture has.
+  w = 15
+  step = np.zeros((1, w, w, w), np.float32)
+  step[:, :, :, w // 2 + 4 :] = 4.0
+  texture = np.random.default_rng(4).normal(size=(1, w, w, w)).astype(np.float32)
+  cue = np.asarray(descriptors.cue_raw(jnp.asarray(np.concatenate([step, texture]))))
+  coarse = np.asarray(descriptors.texture_raw(jnp.asarray(step)))[0, 2]
+  assert cue[0, 1] < 0.5 * coarse  # the whole-window std reads the step as texture
+  assert cue[1, 1] > 2 * cue[0, 1]
+  # Energy: invariant to an added constant, linear in contrast.
+  shifted = np.asarray(descriptors.cue_raw(jnp.asarray(texture + 5.0)))
+  np.testing.assert_allclose(shifted[0, 1], cue[1, 1], rtol=1e-3)
+  np.testing.assert_allclose(shifted[0, 0], cue[1, 0] + 5.0, rtol=1e-4)
+
+
+def test_pick_cue_takes_the_column_that_forms_k_groups():
+  rng = np.random.default_rng(5)
+  groups = rng.choice([-3.0, 0.0, 3.0], 3000) + 0.3 * rng.normal(size=3000)
+  noise = rng.normal(size=3000)
+  assert descriptors.pick_cue(np.stack([noise, groups], 1), 3) == 1
+  assert descriptors.pick_cue(np.stack([groups, noise], 1), 3) == 0
+  assert descriptors.unexplained(groups, 3) < 0.05 < 0.1 < descriptors.unexplained(noise, 3)
+  # finish('cue') keeps that one column, standardised.
+  f = descriptors.finish('cue', np.stack([noise, 5 * groups + 2], 1), 3)
+  assert f.shape == (3000, 1)
+  np.testing.assert_allclose(f[:, 0], (groups - groups.mean()) / groups.std(), atol=1e-4)

@@ -201,3 +201,61 @@ def test_auto_impl_follows_backend():
   assert convolution.resolve_conv_impl('xla') == 'xla'
   with pytest.raises(ValueError, match='conv_impl'):
     convolution.resolve_conv_impl('cudnn')
+
+
+@pytest.mark.parametrize(
+  'head, centre, flat', [('mean', 0, 6), ('mean', 1, 7), ('flatten', 3, 6 * 8 + 27)]
+)
+def test_head_and_centre_path_geometry_and_flops(head, centre, flat):
+  # 13 -> conv 11 -> pool 5 -> 3 -> 1 with kernel 3 (last map 1^3); use 15 for a 2^3 map.
+  cfg = small_cfg(patch=15)
+  cfg.head, cfg.centre_size = head, centre
+  shapes = dict(model_lib.layer_shapes(cfg, 15))
+  assert shapes['conv3'] == (1, 2, 2, 2, 6) and shapes['flatten'] == (1, flat)
+  model = model_lib.build_model(cfg)
+  params = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0), 15))['params']
+  assert params['fc1']['kernel'].shape == (flat, 16)
+  expected = 0
+  for name in ('conv1', 'conv2', 'conv3', 'fc1', 'fc2'):
+    kernel = params[name]['kernel'].shape
+    expected += 2 * int(np.prod(shapes[name][1:])) * int(np.prod(kernel[:-1]))
+  assert model_lib.flops_per_patch(cfg, 15) == expected
+
+
+def test_mean_head_averages_the_last_map_and_centre_path_reads_the_centre():
+  cfg = small_cfg(patch=15)
+  flat_net = model_lib.build_model(cfg)
+  cfg.head = 'mean'
+  net = model_lib.build_model(cfg)
+  variables = model_lib.init_variables(net, jax.random.key(1), 15)
+  flat_vars = model_lib.init_variables(flat_net, jax.random.key(1), 15)
+  x = patches(3, 15, seed=3)
+
+  def fc1_input(n, v):
+    _, state = n.apply(v, x, train=False, capture_intermediates=True, mutable=['intermediates'])
+    return np.asarray(state['intermediates']['flatten'][0])
+
+  # The same convolutions (same draws: the conv kernels come first); 'mean' averages their last map
+  # per channel, which 'flatten' passes position by position (channels last).
+  for name in ('conv1', 'conv2', 'conv3'):
+    np.testing.assert_array_equal(
+      variables['params'][name]['kernel'], flat_vars['params'][name]['kernel']
+    )
+  per_position = fc1_input(flat_net, flat_vars).reshape(3, 8, 6)
+  np.testing.assert_allclose(
+    fc1_input(net, variables), per_position.mean(axis=1), rtol=1e-5, atol=1e-6
+  )
+  # The centre path: the central voxel itself reaches the dense layers, beside the map.
+  cfg.centre_size = 1
+  c_net = model_lib.build_model(cfg)
+  c_vars = model_lib.init_variables(c_net, jax.random.key(1), 15)
+  got = fc1_input(c_net, c_vars)
+  np.testing.assert_array_equal(got[:, -1], np.asarray(x[:, 7, 7, 7]))
+  bumped = x.at[:, 7, 7, 7].add(5.0)
+  with_path = float(
+    jnp.abs(c_net.apply(c_vars, bumped, train=False) - c_net.apply(c_vars, x, train=False)).max()
+  )
+  without = float(
+    jnp.abs(net.apply(variables, bumped, train=False) - net.apply(variables, x, train=False)).max()
+  )
+  assert with_path > without
