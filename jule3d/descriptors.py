@@ -13,6 +13,12 @@ patch. The choice decides what the CNN is then trained to separate:
               (Gaussian-weighted mean, std 1 voxel) and the local energy (Gaussian-weighted standard
               deviation about the weighted mean) at two scales (std 1.5 voxels and w/6); each
               standardised over the patches clustered together.
+  'cue'       one of two numbers, picked from the data (pick_cue): the centre level, or the pooled
+              fine energy (the local standard deviation at std 1 voxel, averaged over the patch
+              with a centred Gaussian of std w/6). Level and texture are different cues (MNI152's
+              tissues differ in intensity, the phantom's regions in texture); standardised
+              together, as in 'texture', each dilutes the other, and no fixed weighting serves
+              both (README "Honest reading"), so the rule keeps the one the data separates.
 """
 
 import jax
