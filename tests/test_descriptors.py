@@ -58,32 +58,28 @@ def test_initial_features_dispatch_and_standardise(patches):
     descriptors.initial_features('nope', jnp.asarray(patches))
 
 
-def test_texture_volume_equals_the_per_patch_descriptor():
+@pytest.mark.parametrize(
+  'of_volume, of_patches, w, centres',
+  [
+    (
+      descriptors.texture_volume,
+      descriptors.texture_raw,
+      9,
+      [[4, 4, 4], [10, 9, 12], [15, 13, 14]],
+    ),
+    (descriptors.cue_volume, descriptors.cue_raw, 15, [[7, 7, 7], [9, 8, 11], [12, 10, 11]]),
+  ],
+)
+def test_volume_descriptor_equals_the_per_patch_one(of_volume, of_patches, w, centres):
   rng = np.random.default_rng(2)
   vol = rng.normal(size=(20, 18, 19)).astype(np.float32)
-  w = 9
-  full = descriptors.texture_volume(vol, w)
-  centres = np.array([[4, 4, 4], [10, 9, 12], [15, 13, 14], [7, 11, 5]])
+  full = of_volume(vol, w)
+  centres = np.array(centres)
   h = w // 2
   patches = np.stack(
     [vol[z - h : z + h + 1, y - h : y + h + 1, x - h : x + h + 1] for z, y, x in centres]
   )
-  want = np.asarray(descriptors.texture_raw(jnp.asarray(patches)))
-  np.testing.assert_allclose(full[tuple(centres.T)], want, rtol=2e-4, atol=2e-4)
-
-
-def test_cue_volume_equals_the_per_patch_descriptor():
-  rng = np.random.default_rng(3)
-  vol = rng.normal(size=(30, 28, 26)).astype(np.float32)
-  w = 15
-  full = descriptors.cue_volume(vol, w)
-  centres = np.array([[7, 7, 7], [15, 13, 18], [22, 20, 18], [10, 14, 12]])
-  h = w // 2
-  patches = np.stack(
-    [vol[z - h : z + h + 1, y - h : y + h + 1, x - h : x + h + 1] for z, y, x in centres]
-  )
-  want = np.asarray(descriptors.cue_raw(jnp.asarray(patches)))
-  assert want.shape == (4, 2)
+  want = np.asarray(of_patches(jnp.asarray(patches)))
   np.testing.assert_allclose(full[tuple(centres.T)], want, rtol=2e-4, atol=2e-4)
 
 
