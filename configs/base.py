@@ -72,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.hidden_dim = 1350  # Width of the first dense layer.
   c.model.embed_dim = 160  # Width of the L2-normalised output embedding.
   # What the dense layers see of the last convolution's map: 'flatten' (the paper: every position,
-  # in order) or 'mean' (each channel averaged over the map: the same for any shift of a texture).
+  # in order) or 'mean' (each channel averaged over the map: nearly the same wherever a texture's
+  # cells lie in the patch).
   c.model.head = 'flatten'
   # Edge of the patch's central cube fed straight to the dense layers beside the convolutions'
   # output (0 = none, the paper): a path for the intensity at the centre.

@@ -184,15 +184,19 @@ def unexplained(column: np.ndarray, k: int, seed: int = 0, max_fit: int = 20_000
   return float(km.inertia_ / (len(col) * var))
 
 
-def pick_cue(feats: np.ndarray, k: int) -> int:
+def pick_cue(feats: np.ndarray, k: int) -> tuple[int, list[float]]:
   """The 'cue' rule: the column whose k-means leaves the least of its variance.
 
   A cue that separates k tissues forms k tight groups along its axis; one that only varies
   (noise, a gradient) leaves most of its variance whatever the split. The rule has no parameter:
   on the phantom it picks the energy (regions differ in texture), on MNI152 the level (tissues
   differ in intensity); README gives the measured ratios.
+
+  Returns:
+    (the column's index, every column's `unexplained` share).
   """
-  return int(np.argmin([unexplained(feats[:, j], k) for j in range(feats.shape[1])]))
+  ratios = [unexplained(feats[:, j], k) for j in range(feats.shape[1])]
+  return int(np.argmin(ratios)), ratios
 
 
 def standardise(f: np.ndarray) -> np.ndarray:
@@ -215,10 +219,9 @@ def finish(kind: str, feats: np.ndarray, k: int = 3) -> np.ndarray:
   pick_cue chooses for k segments, standardised; others as they are."""
   feats = np.asarray(feats, np.float32)
   if kind == 'cue':
-    ratios = [unexplained(feats[:, j], k) for j in range(feats.shape[1])]
-    j = int(np.argmin(ratios))
+    j, ratios = pick_cue(feats, k)
     logging.info(
-      "period-0 cue: k-means leaves %s of (level, fine energy)'s variance: the %s",
+      "cue: k-means leaves %s of (level, fine energy)'s variance: the %s",
       np.round(ratios, 3).tolist(),
       ('level', 'fine energy')[j],
     )

@@ -141,8 +141,10 @@ class JuleCNN(nn.Module):
     x = jnp.asarray(x, jnp.float32)
     if x.ndim == 4:
       x = x[..., None]
-    lo, hi = x.shape[1] // 2 - self.centre_size // 2, x.shape[1] // 2 + self.centre_size // 2 + 1
-    centre = x[:, lo:hi, lo:hi, lo:hi, 0].reshape(x.shape[0], -1)  # empty when centre_size is 0
+    if self.centre_size:
+      lo = x.shape[1] // 2 - self.centre_size // 2
+      hi = lo + self.centre_size
+      centre = x[:, lo:hi, lo:hi, lo:hi, 0].reshape(x.shape[0], -1)
     bn_mask = None
     if train and mask is not None:
       bn_mask = jnp.asarray(mask, bool).reshape(-1, 1, 1, 1, 1)

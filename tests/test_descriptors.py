@@ -104,8 +104,8 @@ def test_pick_cue_takes_the_column_that_forms_k_groups():
   rng = np.random.default_rng(5)
   groups = rng.choice([-3.0, 0.0, 3.0], 3000) + 0.3 * rng.normal(size=3000)
   noise = rng.normal(size=3000)
-  assert descriptors.pick_cue(np.stack([noise, groups], 1), 3) == 1
-  assert descriptors.pick_cue(np.stack([groups, noise], 1), 3) == 0
+  assert descriptors.pick_cue(np.stack([noise, groups], 1), 3)[0] == 1
+  assert descriptors.pick_cue(np.stack([groups, noise], 1), 3)[0] == 0
   assert descriptors.unexplained(groups, 3) < 0.05 < 0.1 < descriptors.unexplained(noise, 3)
   # finish('cue') keeps that one column, standardised.
   f = descriptors.finish('cue', np.stack([noise, 5 * groups + 2], 1), 3)
