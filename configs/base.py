@@ -137,7 +137,8 @@ def get_config() -> ml_collections.ConfigDict:
   # the label of the nearest grid block (the paper leaves them 0).
   c.segment.fill = False
   # What k-means clusters: 'cnn' (the learned features: the method) or, as ablations of the same
-  # pipeline, 'intensity' (the centre voxel) or 'initial' (the 'texture' descriptor of the patch).
+  # pipeline, 'intensity' (the centre voxel) or 'initial' (the period-0 descriptor of the patch:
+  # 'texture', or 'cue' with the column the rule picks on the grid).
   c.segment.features = 'cnn'
   c.segment.checkpoint = ''  # Another run's workdir or checkpoint dir to segment with ('' = ours).
   c.segment.save_features = False  # Also write the grid features (features.npz) to the workdir.

@@ -208,8 +208,9 @@ def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std:
   Args:
     inputs: pipeline.Inputs.
     centres: [M, 3] grid centres.
-    kind: 'intensity' (the centre voxel) or 'initial' (the 'texture' descriptor of the patch,
-      descriptors.texture_volume: the whole volume in memory).
+    kind: 'intensity' (the centre voxel) or 'initial' (the period-0 'texture' or 'cue' descriptor,
+      descriptors.texture_volume or cue_volume: the whole volume in memory; the cue rule picks its
+      column on the grid).
     mean: normalisation mean of the training patches.
     std: normalisation std of the training patches.
 
