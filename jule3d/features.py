@@ -6,7 +6,7 @@
                     (jule3d/dense.py); `resumable_features` / `features_by_parts` cut either into
                     parts saved in the workdir, so that a killed segmentation resumes, dealt over
                     devices and processes
-  ablations         `hand_made_features`: the centre intensity or the texture descriptor instead of
+  ablations         `hand_made_features`: the centre intensity or the period-0 descriptor instead of
                     the CNN's features, through the same pipeline
 Every patch is normalised by patches.normalise with the statistics stored with the model, and
 every per-patch CNN call goes through one padded batch loop, `embed_batches`.
