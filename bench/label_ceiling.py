@@ -44,16 +44,19 @@ def _kmeans(f: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
   return KMeans(k, n_init=5, random_state=seed).fit(descriptors.standardise(f)).labels_
 
 
+def _cue(x: np.ndarray) -> np.ndarray:
+  """The period-0 cue the rule picks, [N, 1], of normalised patches."""
+  both = np.asarray(descriptors.cue_raw(jnp.asarray(x)))
+  return both[:, [descriptors.pick_cue(both, 3)[0]]]
+
+
 def _labels(kind: str, x: np.ndarray, centres: np.ndarray, truth: np.ndarray) -> np.ndarray:
   if kind == 'true':
     return truth
-  for prefix, of in (('cue', None), ('cells', centres.astype(np.float64))):
-    if kind.startswith(prefix):
-      c = int(kind[len(prefix) :])
-      if of is None:
-        cue = np.asarray(descriptors.cue_raw(jnp.asarray(x)))
-        of = cue[:, [descriptors.pick_cue(cue, 3)[0]]]
-      return _kmeans(of, c)
+  if kind.startswith('cue'):
+    return _kmeans(_cue(x), int(kind[3:]))
+  if kind.startswith('cells'):
+    return _kmeans(centres.astype(np.float64), int(kind[5:]))
   raise SystemExit(f'unknown --labels {kind!r}: true, cueC or cellsC')
 
 
@@ -85,10 +88,7 @@ def main(argv=None) -> int:
   xp = np.asarray(
     patches.normalise(patches.read_patches(inputs.patch_source, centres[probe], w), mean, std)
   )
-  cue = np.asarray(descriptors.cue_raw(jnp.asarray(xp)))
-  print(
-    f'the cue alone on the probe patches: {_nmi(truth[probe], _kmeans(cue[:, [descriptors.pick_cue(cue, 3)[0]]], 3)):.3f}'
-  )
+  print(f'the cue alone on the probe patches: {_nmi(truth[probe], _kmeans(_cue(xp), 3)):.3f}')
   labels = _labels(a.labels, xt, centres[train], truth[train]).astype(np.int32)
   net = model.build_model(cfg.model)
   tx = objective.make_optimizer(cfg.train)

@@ -89,21 +89,26 @@ def texture_volume(values: np.ndarray, w: int) -> np.ndarray:
   Returns:
     float32 [Z, Y, X, 3] (level, fine energy, coarse energy).
   """
+  x = np.asarray(values, np.float64)
+  s_level, s_fine, s_coarse = texture_scales(w)
+  out = [_smooth_volume(x, s_level, w // 2)]
+  out += [_local_std_volume(x, s, w // 2) for s in (s_fine, s_coarse)]
+  return np.stack(out, axis=-1).astype(np.float32)
+
+
+def _smooth_volume(a: np.ndarray, sigma: float, radius: int) -> np.ndarray:
+  """Separable Gaussian of a whole volume, truncated at `radius`, mirrored at the faces."""
   from scipy import ndimage
 
-  x = np.asarray(values, np.float64)
+  for axis in range(3):
+    a = ndimage.gaussian_filter1d(a, sigma, axis=axis, mode='mirror', radius=radius)
+  return a
 
-  def smooth(a, sigma):
-    for axis in range(3):
-      a = ndimage.gaussian_filter1d(a, sigma, axis=axis, mode='mirror', radius=w // 2)
-    return a
 
-  s_level, s_fine, s_coarse = texture_scales(w)
-  out = [smooth(x, s_level)]
-  for s in (s_fine, s_coarse):
-    m = smooth(x, s)
-    out.append(np.sqrt(np.maximum(smooth(x * x, s) - m * m, 0.0)))
-  return np.stack(out, axis=-1).astype(np.float32)
+def _local_std_volume(x: np.ndarray, sigma: float, radius: int) -> np.ndarray:
+  """Gaussian-weighted standard deviation about the Gaussian-weighted mean at every voxel."""
+  m = _smooth_volume(x, sigma, radius)
+  return np.sqrt(np.maximum(_smooth_volume(x * x, sigma, radius) - m * m, 0.0))
 
 
 def _gauss_1d(sigma: float, radius: int) -> np.ndarray:
@@ -153,20 +158,11 @@ def cue_volume(values: np.ndarray, w: int) -> np.ndarray:
   Equal to cue_raw at every centre whose patch lies inside the volume (up to float rounding);
   elsewhere the volume is mirrored. Whole-volume memory: for the hand-made ablation.
   """
-  from scipy import ndimage
-
   x = np.asarray(values, np.float64)
-
-  def smooth(a, sigma, radius):
-    for axis in range(3):
-      a = ndimage.gaussian_filter1d(a, sigma, axis=axis, mode='mirror', radius=radius)
-    return a
-
   s_level, s_pool = cue_scales(w)
-  level = smooth(x, s_level, w // 2)
-  m = smooth(x, _FINE_SIGMA, _FINE_RADIUS)
-  energy = np.sqrt(np.maximum(smooth(x * x, _FINE_SIGMA, _FINE_RADIUS) - m * m, 0.0))
-  pooled = smooth(energy, s_pool, w // 2 - _FINE_RADIUS)
+  level = _smooth_volume(x, s_level, w // 2)
+  energy = _local_std_volume(x, _FINE_SIGMA, _FINE_RADIUS)
+  pooled = _smooth_volume(energy, s_pool, w // 2 - _FINE_RADIUS)
   return np.stack([level, pooled], axis=-1).astype(np.float32)
 
 
@@ -211,6 +207,15 @@ def function(kind: str):
   fn = {'raw': raw, 'windowed': windowed, 'texture': texture_raw, 'cue': cue_raw}.get(kind)
   if fn is None:
     raise ValueError(f'unknown initial features {kind!r}')
+  return fn
+
+
+def volume_function(kind: str):
+  """The whole-volume form of a kind ('texture' or 'cue'): [Z, Y, X] -> [Z, Y, X, D], equal to
+  `function(kind)` of the patch centred on each voxel (before `finish`)."""
+  fn = {'texture': texture_volume, 'cue': cue_volume}.get(kind)
+  if fn is None:
+    raise ValueError(f'initial features {kind!r} have no whole-volume form')
   return fn
 
 

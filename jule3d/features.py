@@ -209,8 +209,8 @@ def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std:
     inputs: pipeline.Inputs.
     centres: [M, 3] grid centres.
     kind: 'intensity' (the centre voxel) or 'initial' (the period-0 'texture' or 'cue' descriptor,
-      descriptors.texture_volume or cue_volume: the whole volume in memory; the cue rule picks its
-      column on the grid).
+      descriptors.volume_function: the whole volume in memory; the cue rule picks its column on
+      the grid).
     mean: normalisation mean of the training patches.
     std: normalisation std of the training patches.
 
@@ -225,8 +225,7 @@ def hand_made_features(inputs, centres: np.ndarray, kind: str, mean: float, std:
   vol = inputs.patch_source
   x = patches.normalise(vol.read((0, 0, 0), vol.shape), mean, std)
   kind = c.cluster.initial_features
-  of_volume = descriptors.cue_volume if kind == 'cue' else descriptors.texture_volume
-  feats = of_volume(x, c.patches.patch_size)[tuple(centres.T)]
+  feats = descriptors.volume_function(kind)(x, c.patches.patch_size)[tuple(centres.T)]
   return descriptors.finish(kind, feats, c.segment.num_segments)
 
 

@@ -59,21 +59,17 @@ def test_initial_features_dispatch_and_standardise(patches):
 
 
 @pytest.mark.parametrize(
-  'of_volume, of_patches, w, centres',
+  'kind, w, centres',
   [
-    (
-      descriptors.texture_volume,
-      descriptors.texture_raw,
-      9,
-      [[4, 4, 4], [10, 9, 12], [15, 13, 14]],
-    ),
-    (descriptors.cue_volume, descriptors.cue_raw, 15, [[7, 7, 7], [9, 8, 11], [12, 10, 11]]),
+    ('texture', 9, [[4, 4, 4], [10, 9, 12], [15, 13, 14]]),
+    ('cue', 15, [[7, 7, 7], [9, 8, 11], [12, 10, 11]]),
   ],
 )
-def test_volume_descriptor_equals_the_per_patch_one(of_volume, of_patches, w, centres):
+def test_volume_descriptor_equals_the_per_patch_one(kind, w, centres):
   rng = np.random.default_rng(2)
   vol = rng.normal(size=(20, 18, 19)).astype(np.float32)
-  full = of_volume(vol, w)
+  full = descriptors.volume_function(kind)(vol, w)
+  of_patches = descriptors.function(kind)
   centres = np.array(centres)
   h = w // 2
   patches = np.stack(
