@@ -8,7 +8,7 @@ of the baselines from each report.json, so every figure is measured exactly as a
              mni152      the MNI152 T1 template into CSF/GM/WM (configs/mni152.py; needs nilearn)
   variants   recommended the shipped configs (configs/base.py RECOMMENDED)
              paper       ':paper', the paper's method as it is
-             no_mask, no_domain, raw_init, texture_init, flatten_head, no_centre,
+             mean_fill, no_mask, no_domain, raw_init, texture_init, flatten_head, no_centre,
                          no_smoothing, no_fill: one extension of the recommended method off (the
                          ablation)
              intensity_only, descriptor_only: the same pipeline with the CNN features replaced by
@@ -75,6 +75,12 @@ VARIANTS = {
     ['--config.patches.domain=foreground'],
     True,
     'foreground only (no enclosed air)',
+  ),
+  'mean_fill': (
+    '',
+    ['--config.patches.outside_fill=mean'],
+    True,
+    "masking fills the specimen's mean, not its mirror image",
   ),
   'no_mask': ('', ['--config.patches.mask_outside=False'], True, 'no specimen masking'),
 }

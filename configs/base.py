@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Extension (not in the paper): replace the air around the specimen by the specimen's mean in
   # every patch the CNN sees, so segments follow tissue, not the rim (jule3d/specimen.py).
   c.patches.mask_outside = False
+  # What masking writes outside: 'mirror' (the specimen mirrored across its surface: a texture keeps
+  # its statistics up to the surface) or 'mean' (the specimen's mean: reads as smooth tissue there).
+  c.patches.outside_fill = 'mirror'
   c.patches.outside_block = 4  # Holes narrower than this (voxels) onto the surface stay inside.
   # Where patch centres go, for training and segmentation: 'foreground' (the paper: voxels passing
   # the threshold) or 'specimen' (also the air the specimen encloses: a region segmentation).

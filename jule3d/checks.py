@@ -108,6 +108,12 @@ def _check_patches(c: ml_collections.ConfigDict) -> tuple[int, int]:
   n_s = _int_at_least(c, 'patches.num_patches', 2)
   _int_at_least(c, 'patches.outside_block', 1)
   _require(
+    c.patches.outside_fill in ('mirror', 'mean'),
+    'patches.outside_fill',
+    c.patches.outside_fill,
+    "'mirror' or 'mean'",
+  )
+  _require(
     c.patches.domain in ('foreground', 'specimen'),
     'patches.domain',
     c.patches.domain,

@@ -248,7 +248,15 @@ def _specimen_parts(config: ml_collections.ConfigDict, image, cache: str):
         interior = specimen.interior(image, d.threshold, d.foreground, block)
       if config.patches.mask_outside:  # one pass over the volume for both (known=interior)
         content = specimen.masked_volume(
-          image, d.threshold, d.foreground, block, cache, d.cache_chunk, known=interior
+          image,
+          d.threshold,
+          d.foreground,
+          block,
+          cache,
+          d.cache_chunk,
+          known=interior,
+          fill_mode=config.patches.outside_fill,
+          reach=config.patches.patch_size,
         )
   return content, interior
 

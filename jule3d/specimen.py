@@ -130,6 +130,54 @@ def _cache_key(vol, threshold: float, direction: str, block: int) -> str:
   return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
+def _outside_rows(near: np.ndarray, block: int, z0: int, slab: np.ndarray, threshold, direction):
+  # The voxels of `slab` (planes z0 .. z0 + len) that masked_volume fills: in or next to a coarse
+  # block of the outside (`near`) and not foreground.
+  rows = near[z0 // block : -(-(z0 + len(slab)) // block)]
+  up = rows.repeat(block, 0).repeat(block, 1).repeat(block, 2)
+  up = up[z0 % block : z0 % block + len(slab), : slab.shape[1], : slab.shape[2]]
+  return up & ~patches.foreground(slab, threshold, direction)
+
+
+def _mirrored(values: np.ndarray, outside: np.ndarray, core: slice, reach: int, fill) -> np.ndarray:
+  """values[core] with its outside voxels replaced by the specimen mirrored across its surface.
+
+  An outside voxel x whose nearest inside voxel i (Euclidean) lies within reach / 2 takes the value
+  at 2i - x, the point mirrored through i, when that point is inside the specimen and `values`;
+  otherwise the value at i. Farther voxels, which no patch centred in the domain sees, take `fill`.
+  A texture keeps its statistics up to the surface (a constant would read as smooth tissue there).
+
+  Args:
+    values: the slab with up to `reach` planes of halo on each side (fewer at the volume's faces).
+    outside: bool, same shape: the voxels to fill.
+    core: the slab's own planes within `values`.
+    reach: the patch edge: with that halo, every i and 2i - x a patch can see are in `values`.
+    fill: the value of the far voxels.
+
+  Returns:
+    The core planes, filled (dtype of `values`).
+  """
+  out = values[core].copy()
+  target = outside[core]
+  if not target.any():
+    return out
+  if outside.all():
+    out[target] = fill
+    return out
+  dist, nearest = ndimage.distance_transform_edt(outside, return_indices=True)
+  x = np.nonzero(target)
+  x = (x[0] + core.start, x[1], x[2])
+  i = tuple(nearest[a][x] for a in range(3))
+  del nearest
+  r = tuple(2 * i[a] - x[a] for a in range(3))
+  fits = np.all([(r[a] >= 0) & (r[a] < values.shape[a]) for a in range(3)], axis=0)
+  r = tuple(np.where(fits, r[a], i[a]) for a in range(3))
+  mirror = fits & ~outside[r]
+  v = np.where(mirror, values[r], values[i])
+  out[target] = np.where(dist[x] <= reach / 2, v, fill)
+  return out
+
+
 def masked_volume(
   vol,
   threshold: float,
@@ -138,8 +186,10 @@ def masked_volume(
   cache_dir: str,
   chunk: int = 64,
   known: Interior | None = None,
+  fill_mode: str = 'mean',
+  reach: int = 0,
 ) -> 'volume.Volume':
-  """The volume with its outside replaced by the specimen's mean, cached as a zarr.
+  """The volume with its outside replaced (the specimen mirrored, or its mean), cached as a zarr.
 
   Args:
     vol: the input Volume.
@@ -150,6 +200,9 @@ def masked_volume(
     chunk: zarr chunk edge.
     known: the same volume's Interior (same threshold and block), if already computed: its
       outside and fill are reused instead of another pass over the volume.
+    fill_mode: 'mirror' (the specimen mirrored across its surface, `_mirrored`) or 'mean' (the
+      specimen's mean everywhere outside).
+    reach: with 'mirror', the patch edge (how far from the surface a patch sees).
 
   Returns:
     The masked copy, opened (same shape, dtype, spacing and affine).
@@ -157,7 +210,9 @@ def masked_volume(
   Raises:
     UserError: the cache folder cannot be written.
   """
-  final = os.path.join(cache_dir, f'specimen-{_cache_key(vol, threshold, direction, block)}.zarr')
+  mirror = fill_mode == 'mirror'
+  key = _cache_key(vol, threshold, direction, block) + (f'-m{reach}' if mirror else '')
+  final = os.path.join(cache_dir, f'specimen-{key}.zarr')
 
   def slabs():
     near, fill = (
@@ -166,20 +221,26 @@ def masked_volume(
     info = np.iinfo(vol.dtype) if vol.dtype.kind in 'iu' else None
     value = np.clip(np.rint(fill), info.min, info.max) if info is not None else fill
     logging.info(
-      'masking the outside of the specimen (%.1f%% of the volume, blocks of %d^3) with %.6g: %s',
+      'masking the outside of the specimen (%.1f%% of the volume, blocks of %d^3) with %s: %s',
       100.0 * near.mean(),
       block,
-      value,
+      f'its mirror image (reach {reach})' if mirror else f'{value:.6g}',
       final,
     )
-    for z0, slab in vol.slabs(_slab_depth(block, vol.shape[1] * vol.shape[2])):
-      rows = near[z0 // block : -(-(z0 + len(slab)) // block)]
-      up = rows.repeat(block, 0).repeat(block, 1).repeat(block, 2)
-      up = up[: len(slab), : vol.shape[1], : vol.shape[2]]
-      out = up & ~patches.foreground(slab, threshold, direction)
-      slab = np.array(slab)
-      slab[out] = value
-      yield z0, slab
+    depth = _slab_depth(block, vol.shape[1] * vol.shape[2])
+    if not mirror:
+      for z0, slab in vol.slabs(depth):
+        slab = np.array(slab)
+        slab[_outside_rows(near, block, z0, slab, threshold, direction)] = value
+        yield z0, slab
+      return
+    n, plane = vol.shape[0], vol.shape[1:]
+    for z0 in range(0, n, depth):
+      lo, hi = max(0, z0 - reach), min(n, z0 + depth + reach)
+      ext = vol.read((lo, 0, 0), (hi, *plane))
+      outside = _outside_rows(near, block, lo, ext, threshold, direction)
+      core = slice(z0 - lo, min(z0 + depth, n) - lo)
+      yield z0, _mirrored(ext, outside, core, reach, value)
 
   what = 'specimen-masked copy of config.data.path'
   return volume.derived_copy(

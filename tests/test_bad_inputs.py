@@ -325,6 +325,9 @@ CASES = {
     _args('--config.model.feature_batch_size=0'), 'model.feature_batch_size', '>= 1'
   ),
   'unknown head': Case(_args('--config.model.head=max'), 'model.head', "'flatten' or 'mean'"),
+  'unknown outside fill': Case(
+    _args('--config.patches.outside_fill=zero'), 'patches.outside_fill', "'mirror' or 'mean'"
+  ),
   'even centre path': Case(_args('--config.model.centre_size=2'), 'model.centre_size', 'odd edge'),
   'misspelled config section': Case(
     _args('--config.trian.epochs_per_period=3'), "'trian'", 'Did you mean "train"'

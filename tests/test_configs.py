@@ -35,6 +35,7 @@ MOVED = {'data.expected_spacing': 'data.spacing'}
 # batch size serves training and segmentation alike; the baselines' k-means has its own restarts).
 RENAMED = {'model.feature_batch_size': 'segment.batch_size'}
 NEW_FIELDS += ['evaluate.kmeans_restarts']
+NEW_FIELDS += ['patches.outside_fill']  # what masking writes: no effect with mask_outside off
 
 
 def _get(c, field):

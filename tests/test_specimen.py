@@ -55,6 +55,48 @@ def test_below_direction_masks_the_bright_surroundings(tmp_path):
   assert np.all(out[6:18, 5:19, 6:18] == -500) and np.all(out[0] == -500)
 
 
+@pytest.fixture(scope='module')
+def slab_specimen(tmp_path_factory):
+  """Textured tissue in planes z < 12, air above: the surface is the plane z = 11.5."""
+  rng = np.random.default_rng(0)
+  image = np.full((32, 9, 10), AIR, np.uint16)
+  image[:12] = TISSUE + rng.integers(-500, 500, (12, 9, 10))
+  path = str(tmp_path_factory.mktemp('slab') / 'slab.zarr')
+  volume.save_zarr(path, image, (1, 1, 1))
+  return volume.open_volume(path), image
+
+
+def test_mirror_fill_reflects_the_tissue_through_its_surface(slab_specimen, tmp_path):
+  vol, image = slab_specimen
+  masked = specimen.masked_volume(
+    vol, THRESHOLD, 'above', 4, str(tmp_path), fill_mode='mirror', reach=9
+  )
+  out = masked.read((0, 0, 0), masked.shape)
+  np.testing.assert_array_equal(out[:12], image[:12])
+  # Planes within reach / 2 of the tissue mirror it through its last plane (11): 12 <- 10, 13 <- 9.
+  np.testing.assert_array_equal(out[12:16], image[10:6:-1])
+  fill = int(np.rint(specimen.coarse_outside(vol, THRESHOLD, 'above', 4)[1]))
+  assert np.all(out[16:] == fill)  # no patch centred in the tissue reaches these
+  # The mirror keeps the texture's contrast up to the surface; the mean fill flattens it.
+  mean = specimen.masked_volume(vol, THRESHOLD, 'above', 4, str(tmp_path), fill_mode='mean')
+  assert np.all(mean.read((12, 0, 0), (16, 9, 10)) == fill)
+  assert out[12:16].std() > 0.9 * image[:12].std()
+
+
+def test_mirror_fill_is_the_same_slab_by_slab(ball, tmp_path, monkeypatch):
+  vol = ball[0]
+  whole = specimen.masked_volume(
+    vol, THRESHOLD, 'above', 4, str(tmp_path / 'a'), fill_mode='mirror', reach=11
+  )
+  monkeypatch.setattr(specimen, '_slab_depth', lambda *a: 4)  # ten slabs, each with its halo
+  slabs = specimen.masked_volume(
+    vol, THRESHOLD, 'above', 4, str(tmp_path / 'b'), fill_mode='mirror', reach=11
+  )
+  a, b = (v.read((0, 0, 0), v.shape) for v in (whole, slabs))
+  np.testing.assert_array_equal(a, b)
+  assert np.any(a[ball[3] > 13] == TISSUE)  # the surface's mirror image lies outside it
+
+
 def test_cached_once_and_keyed_by_the_settings(ball, tmp_path, monkeypatch):
   vol = ball[0]
   first = specimen.masked_volume(vol, THRESHOLD, 'above', 4, str(tmp_path))
