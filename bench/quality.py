@@ -191,6 +191,10 @@ def main(argv=None) -> int:
     f'(this invocation: {wall / 60:.1f} min; runs already in '
     f'{os.path.relpath(store, ROOT)} are not repeated).',
   ]
+  carried = sorted(
+    {results[k]['reused'] + f' ({k.split("/")[2]})' for k in keys if 'reused' in results.get(k, {})}
+  )
+  body += [f'Carried over from an earlier tree, not rerun: {r}.' for r in carried]
   for d in data:
     body += ['', f'### {d}', '', table(results, d, seeds, variants)]
   text = '\n'.join(body)

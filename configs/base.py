@@ -56,11 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.patches = ml_collections.ConfigDict()
   c.patches.patch_size = 27  # w: patch edge in voxels (odd, so a patch has a centre voxel).
   c.patches.num_patches = 10_000  # n_s: random training patches with a foreground centre.
-  # Extension (not in the paper): replace the air around the specimen by the specimen's mean in
-  # every patch the CNN sees, so segments follow tissue, not the rim (jule3d/specimen.py).
+  # Extension (not in the paper): replace the air around the specimen in every patch the CNN sees,
+  # so segments follow tissue, not the rim (jule3d/specimen.py).
   c.patches.mask_outside = False
   # What masking writes outside: 'mirror' (the specimen mirrored across its surface: a texture keeps
   # its statistics up to the surface) or 'mean' (the specimen's mean: reads as smooth tissue there).
+  # Used only with mask_outside; the recommended method sets both.
   c.patches.outside_fill = 'mirror'
   c.patches.outside_block = 4  # Holes narrower than this (voxels) onto the surface stay inside.
   # Where patch centres go, for training and segmentation: 'foreground' (the paper: voxels passing
@@ -176,6 +177,7 @@ def get_config() -> ml_collections.ConfigDict:
 # voxels (configs/demo.py, configs/mni152.py); lung-size scans keep the paper's 5.
 RECOMMENDED = {
   'patches.mask_outside': True,
+  'patches.outside_fill': 'mirror',
   'patches.domain': 'specimen',
   'cluster.initial_features': 'cue',
   'model.head': 'mean',

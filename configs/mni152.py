@@ -7,7 +7,7 @@ Command (installs nilearn from requirements-mni152.txt, then runs):
 Scored against argmax(CSF = 1 - GM - WM, GM, WM) inside the brain mask T1/255 > 0.2 (raw uint8
 values, see jule3d/datasets.py), next to k-means on intensity and multi-Otsu on the same voxels.
 Expected runtime: about 2 minutes on 2 CPU cores (CPU-size settings: 3,000 15^3 patches, a narrow
-CNN; Atropos is half of it). Expected result (README "Results"): jule3d NMI 0.56-0.58 over run
+CNN; Atropos is half of it). Expected result (README "Results"): jule3d NMI 0.56-0.59 over run
 seeds 0-2, below k-means on intensity (0.68-0.69), multi-Otsu (0.68) and Atropos (0.71).
 `:paper`: 0.16-0.19.
 """

@@ -1,0 +1,91 @@
+"""What k-means reads in a run's learned features: their shape against the centre intensity.
+
+Reads the grid features a run saved (`--config.segment.save_features=True`, WORKDIR/features.npz)
+and the reference labels, on 100,000 random annotated grid patches, and prints:
+
+  - the share of the features' variance along their first principal axes;
+  - how the first axis follows the centre voxel's intensity: Pearson correlation with the
+    intensity and with its rank (its empirical CDF): a triplet embedding trained on C equal-sized
+    clusters of the intensity spaces them evenly, i.e. follows the rank;
+  - k-means (K = 3) on the features (as the pipeline runs it) and on the intensity: NMI and the groups' shares, beside the
+    reference classes' shares (k-means on a rank-like axis cuts it into near-equal thirds);
+  - a linear probe (logistic regression trained on half the patches, scored on the other half):
+    how much of the reference the features hold at all, against the intensity's.
+
+  python launch.py --config=configs/mni152.py --workdir=runs/mni152 --config.segment.save_features=True
+  python bench/embedding_reading.py --data=mni152 --workdir=runs/mni152
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import normalized_mutual_info_score
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import demo, mni152  # noqa: E402
+from jule3d import descriptors, pipeline, segment  # noqa: E402
+from jule3d.workdir import FEATURES  # noqa: E402
+
+SAMPLE = 100_000
+
+
+def _nmi(truth, labels) -> float:
+  return float(normalized_mutual_info_score(truth, labels, average_method='geometric'))
+
+
+def _shares(labels: np.ndarray) -> str:
+  counts = np.bincount(labels)
+  return ' / '.join(f'{v:.2f}' for v in counts[counts > 0] / len(labels))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--data', choices=('demo', 'mni152'), default='mni152')
+  p.add_argument('--workdir', required=True, help='a run of that config with saved features')
+  a = p.parse_args(argv)
+  path = os.path.join(a.workdir, FEATURES)
+  if not os.path.exists(path):
+    raise SystemExit(f'{path} not found: run with --config.segment.save_features=True first')
+  cfg = {'demo': demo, 'mni152': mni152}[a.data].get_config()
+  inputs = pipeline.resolve_inputs(cfg, a.workdir)
+  saved = np.load(path)
+  centres, feats = saved['centres'], saved['features']
+  where = tuple(centres.T)
+  truth = np.asarray(inputs.labels.store.read().result())[where]
+  level = np.asarray(inputs.image.store.read().result())[where].astype(np.float64)
+  annotated = np.flatnonzero(truth > 0)
+  pick = np.sort(np.random.default_rng(0).choice(annotated, min(SAMPLE, annotated.size), False))
+  t, f, x = truth[pick], feats[pick].astype(np.float64), level[pick]
+
+  centred = f - f.mean(0)
+  u, s, _ = np.linalg.svd(centred, full_matrices=False)
+  share = s**2 / (s**2).sum()
+  pc1 = u[:, 0] * s[0]
+  rank = np.argsort(np.argsort(x, kind='stable'), kind='stable') / len(x)
+  print(f'{len(pick)} annotated grid patches of {a.workdir}')
+  print(f'variance along the first principal axes: {" / ".join(f"{v:.3f}" for v in share[:4])}')
+  print(
+    f'first axis vs the centre intensity: |corr| {abs(np.corrcoef(pc1, x)[0, 1]):.3f}, '
+    f'vs its rank {abs(np.corrcoef(pc1, rank)[0, 1]):.3f}'
+  )
+  km_f = segment.kmeans_labels(f.astype(np.float32), 3, 0, 5, SAMPLE)[
+    0
+  ]  # as the pipeline reads them
+  km_x = KMeans(3, n_init=5, random_state=0).fit(x[:, None]).labels_
+  print(f'reference classes: shares {_shares(t)}')
+  print(f'k-means on the features: NMI {_nmi(t, km_f):.3f}, shares {_shares(km_f)}')
+  print(f'k-means on the intensity: NMI {_nmi(t, km_x):.3f}, shares {_shares(km_x)}')
+  half = len(pick) // 2
+  for name, z in (('features', descriptors.standardise(f)), ('intensity', x[:, None])):
+    probe = LogisticRegression(max_iter=2000).fit(z[:half], t[:half])
+    print(f'linear probe on the {name}: NMI {_nmi(t[half:], probe.predict(z[half:])):.3f}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
