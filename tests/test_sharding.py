@@ -9,6 +9,7 @@ import numpy as np
 from helpers import NO_SMOOTHING, ROOT, one_process_segmentation
 
 from jule3d import volume
+from jule3d.workdir import SEGMENTATION
 
 FOUR = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
 
@@ -28,7 +29,7 @@ def test_batches_are_split_over_four_devices():
   assert out == ['4', '4', '10', '4']
 
 
-def test_one_and_four_devices_give_the_same_run(smoke_run, tmp_path):
+def test_one_and_four_devices_train_and_segment_alike(smoke_run, tmp_path):
   workdir = str(tmp_path / 'four')
   proc = subprocess.run(
     [
@@ -51,10 +52,29 @@ def test_one_and_four_devices_give_the_same_run(smoke_run, tmp_path):
 
   one, four = history(smoke_run), history(workdir)
   assert [p['clusters_end'] for p in one] == [p['clusters_end'] for p in four]
-  np.testing.assert_allclose(
-    [p['loss_mean'] for p in four], [p['loss_mean'] for p in one], rtol=1e-4
+  # Period 0: the same patches, descriptor clusters and initialisation, so the sharded training
+  # steps agree with the single-device ones to float rounding over the whole period. Later periods
+  # cluster features that differ in the last bits, where a near tie in the merge criterion may go
+  # the other way (README "Reproducibility"): the smoke run has one at period 1.
+  np.testing.assert_allclose(four[0]['loss_mean'], one[0]['loss_mean'], rtol=1e-4)
+  # Segmentation of one checkpoint: the grid features sharded over 4 devices give the labels of one.
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'launch.py'),
+      '--config=configs/smoke.py',
+      f'--workdir={tmp_path / "four-seg"}',
+      '--mode=segment',
+      f'--config.segment.checkpoint={smoke_run}',
+      NO_SMOOTHING,
+    ],
+    cwd=ROOT,
+    env=FOUR,
+    capture_output=True,
+    text=True,
   )
-  seg = volume.open_volume(os.path.join(workdir, 'segmentation.zarr'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  seg = volume.open_volume(str(tmp_path / 'four-seg' / SEGMENTATION))
   one = one_process_segmentation(smoke_run, str(tmp_path / 'one'), NO_SMOOTHING)
   np.testing.assert_array_equal(seg.read((0, 0, 0), seg.shape), one)
 
