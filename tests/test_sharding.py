@@ -29,22 +29,20 @@ def test_batches_are_split_over_four_devices():
   assert out == ['4', '4', '10', '4']
 
 
-def test_one_and_four_devices_train_and_segment_alike(smoke_run, tmp_path):
-  workdir = str(tmp_path / 'four')
+def _launch_on_four_devices(*args: str) -> None:
   proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, 'launch.py'),
-      '--config=configs/smoke.py',
-      f'--workdir={workdir}',
-      NO_SMOOTHING,
-    ],
+    [sys.executable, os.path.join(ROOT, 'launch.py'), '--config=configs/smoke.py', *args],
     cwd=ROOT,
     env=FOUR,
     capture_output=True,
     text=True,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_one_and_four_devices_train_and_segment_alike(smoke_run, tmp_path):
+  workdir = str(tmp_path / 'four')
+  _launch_on_four_devices(f'--workdir={workdir}', NO_SMOOTHING)
 
   def history(w):
     with open(os.path.join(w, 'train_history.json')) as f:
@@ -58,23 +56,14 @@ def test_one_and_four_devices_train_and_segment_alike(smoke_run, tmp_path):
   # the other way (README "Reproducibility"): the smoke run has one at period 1.
   np.testing.assert_allclose(four[0]['loss_mean'], one[0]['loss_mean'], rtol=1e-4)
   # Segmentation of one checkpoint: the grid features sharded over 4 devices give the labels of one.
-  proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, 'launch.py'),
-      '--config=configs/smoke.py',
-      f'--workdir={tmp_path / "four-seg"}',
-      '--mode=segment',
-      f'--config.segment.checkpoint={smoke_run}',
-      NO_SMOOTHING,
-    ],
-    cwd=ROOT,
-    env=FOUR,
-    capture_output=True,
-    text=True,
+  segmented = tmp_path / 'four-seg'
+  _launch_on_four_devices(
+    f'--workdir={segmented}',
+    '--mode=segment',
+    f'--config.segment.checkpoint={smoke_run}',
+    NO_SMOOTHING,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  seg = volume.open_volume(str(tmp_path / 'four-seg' / SEGMENTATION))
+  seg = volume.open_volume(str(segmented / SEGMENTATION))
   one = one_process_segmentation(smoke_run, str(tmp_path / 'one'), NO_SMOOTHING)
   np.testing.assert_array_equal(seg.read((0, 0, 0), seg.shape), one)
 
