@@ -23,19 +23,15 @@ import sys
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import normalized_mutual_info_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo, mni152  # noqa: E402
 from jule3d import descriptors, pipeline, segment  # noqa: E402
+from jule3d.train import patch_nmi  # noqa: E402
 from jule3d.workdir import FEATURES  # noqa: E402
 
 SAMPLE = 100_000
-
-
-def _nmi(truth, labels) -> float:
-  return float(normalized_mutual_info_score(truth, labels, average_method='geometric'))
 
 
 def _shares(labels: np.ndarray) -> str:
@@ -78,12 +74,12 @@ def main(argv=None) -> int:
   ]  # as the pipeline reads them
   km_x = KMeans(3, n_init=5, random_state=0).fit(x[:, None]).labels_
   print(f'reference classes: shares {_shares(t)}')
-  print(f'k-means on the features: NMI {_nmi(t, km_f):.3f}, shares {_shares(km_f)}')
-  print(f'k-means on the intensity: NMI {_nmi(t, km_x):.3f}, shares {_shares(km_x)}')
+  print(f'k-means on the features: NMI {patch_nmi(t, km_f):.3f}, shares {_shares(km_f)}')
+  print(f'k-means on the intensity: NMI {patch_nmi(t, km_x):.3f}, shares {_shares(km_x)}')
   half = len(pick) // 2
   for name, z in (('features', descriptors.standardise(f)), ('intensity', x[:, None])):
     probe = LogisticRegression(max_iter=2000).fit(z[:half], t[:half])
-    print(f'linear probe on the {name}: NMI {_nmi(t[half:], probe.predict(z[half:])):.3f}')
+    print(f'linear probe on the {name}: NMI {patch_nmi(t[half:], probe.predict(z[half:])):.3f}')
   return 0
 
 

@@ -26,18 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from sklearn.cluster import KMeans
-from sklearn.metrics import normalized_mutual_info_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo, mni152  # noqa: E402
 from jule3d import descriptors, grid, model, objective, patches, pipeline  # noqa: E402
+from jule3d.train import patch_nmi  # noqa: E402
 
 PROBE = 20_000
-
-
-def _nmi(truth, labels) -> float:
-  return float(normalized_mutual_info_score(truth, labels, average_method='geometric'))
 
 
 def _kmeans(f: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -88,7 +84,7 @@ def main(argv=None) -> int:
   xp = np.asarray(
     patches.normalise(patches.read_patches(inputs.patch_source, centres[probe], w), mean, std)
   )
-  print(f'the cue alone on the probe patches: {_nmi(truth[probe], _kmeans(_cue(xp), 3)):.3f}')
+  print(f'the cue alone on the probe patches: {patch_nmi(truth[probe], _kmeans(_cue(xp), 3)):.3f}')
   labels = _labels(a.labels, xt, centres[train], truth[train]).astype(np.int32)
   net = model.build_model(cfg.model)
   tx = objective.make_optimizer(cfg.train)
@@ -105,7 +101,7 @@ def main(argv=None) -> int:
     if r:
       labels = _kmeans(embeddings(xt), 20, seed=r).astype(np.int32)
     print(
-      f'round {r}: labels vs reference on the training patches {_nmi(truth[train], labels):.3f}'
+      f'round {r}: labels vs reference on the training patches {patch_nmi(truth[train], labels):.3f}'
     )
     for epoch in range(a.epochs):
       order = np.random.default_rng(epoch + 100 * r).permutation(len(xt))
@@ -113,7 +109,7 @@ def main(argv=None) -> int:
         idx = order[i : i + b]
         batch = {'patches': jnp.asarray(xt[idx]), 'labels': jnp.asarray(labels[idx])}
         state, _ = step(state, {**batch, 'valid': jnp.ones(b, bool)})
-    got = _nmi(truth[probe], _kmeans(embeddings(xp), 3))
+    got = patch_nmi(truth[probe], _kmeans(embeddings(xp), 3))
     print(
       f'round {r}: k-means (K = 3) on the embeddings of the probe patches {got:.3f}', flush=True
     )

@@ -18,20 +18,17 @@ import tempfile
 
 import numpy as np
 from sklearn.cluster import KMeans
-from sklearn.metrics import normalized_mutual_info_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo  # noqa: E402
 from jule3d import descriptors, phantom, specimen, volume  # noqa: E402
+from jule3d.train import patch_nmi  # noqa: E402
 
 
 def _score(values: np.ndarray, truth: np.ndarray, where: np.ndarray) -> float:
   x = descriptors.standardise(values.reshape(-1, 1)[where].astype(np.float64))
-  labels = KMeans(3, n_init=4, random_state=0).fit_predict(x)
-  return float(
-    normalized_mutual_info_score(truth.ravel()[where], labels, average_method='geometric')
-  )
+  return patch_nmi(truth.ravel()[where], KMeans(3, n_init=4, random_state=0).fit_predict(x))
 
 
 def main(argv=None) -> int:

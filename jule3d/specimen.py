@@ -235,21 +235,24 @@ def masked_volume(
       f'its mirror image (reach {reach})' if mirror else f'{value:.6g}',
       final,
     )
+    n = vol.shape[0]
     depth = _slab_depth(block, vol.shape[1] * vol.shape[2])
-    if not mirror:
-      for z0, slab in vol.slabs(depth):
-        slab = np.array(slab)
-        slab[_outside_rows(near, block, z0, slab, threshold, direction)] = value
-        yield z0, slab
-      return
-    n, plane = vol.shape[0], vol.shape[1:]
-    depth = max(depth, block * -(-2 * reach // block))  # the halo at most doubles what is read
-    for z0 in range(0, n, depth):
-      lo, hi = max(0, z0 - reach), min(n, z0 + depth + reach)
-      ext = vol.read((lo, 0, 0), (hi, *plane))
+    halo = reach if mirror else 0  # planes read beyond the slab on each side
+    if mirror:
+      depth = max(depth, block * -(-2 * reach // block))  # the halo at most doubles what is read
+
+    def read(z0):  # the slab and its halo, read ahead
+      return vol.store[max(0, z0 - halo) : min(n, z0 + depth + halo)].read()
+
+    for z0, ext in volume.read_ahead(range(0, n, depth), read):
+      lo = max(0, z0 - halo)
       outside = _outside_rows(near, block, lo, ext, threshold, direction)
-      core = slice(z0 - lo, min(z0 + depth, n) - lo)
-      yield z0, _mirrored(ext, outside, core, reach, value)
+      if mirror:
+        yield z0, _mirrored(ext, outside, slice(z0 - lo, min(z0 + depth, n) - lo), reach, value)
+      else:
+        slab = np.array(ext)
+        slab[outside] = value
+        yield z0, slab
 
   what = 'specimen-masked copy of config.data.path'
   return volume.derived_copy(
