@@ -8,9 +8,9 @@ of the baselines from each report.json, so every figure is measured exactly as a
              mni152      the MNI152 T1 template into CSF/GM/WM (configs/mni152.py; needs nilearn)
   variants   recommended the shipped configs (configs/base.py RECOMMENDED)
              paper       ':paper', the paper's method as it is
-             mean_fill, no_mask, no_domain, raw_init, texture_init, flatten_head, no_centre,
-                         no_smoothing, no_fill: one extension of the recommended method off (the
-                         ablation)
+             block_surface, mean_fill, no_mask, no_domain, raw_init, texture_init, flatten_head,
+                         no_centre, no_smoothing, no_fill: one extension of the recommended method
+                         off (the ablation)
              intensity_only, descriptor_only: the same pipeline with the CNN features replaced by
                          the centre voxel's intensity or the period-0 descriptor (the cue the rule
                          picks: what the method adds by hand; smoothing and fill stay on)
@@ -81,6 +81,12 @@ VARIANTS = {
     ['--config.patches.outside_fill=mean'],
     True,
     "masking fills the specimen's mean, not its mirror image",
+  ),
+  'block_surface': (
+    '',
+    ['--config.patches.outside_surface=blocks'],
+    True,
+    'outside = the whole coarse band (pores open onto the surface left out)',
   ),
   'no_mask': ('', ['--config.patches.mask_outside=False'], True, 'no specimen masking'),
 }

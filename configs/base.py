@@ -63,7 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
   # its statistics up to the surface) or 'mean' (the specimen's mean: reads as smooth tissue there).
   # Used only with mask_outside; the recommended method sets both.
   c.patches.outside_fill = 'mirror'
-  c.patches.outside_block = 4  # Holes narrower than this (voxels) onto the surface stay inside.
+  # Which background is outside (with mask_outside or the 'specimen' domain): the air connected to
+  # the volume's faces, found in blocks of `outside_block` voxels and their neighbours; 'voxels'
+  # refines that band voxel by voxel with a closing by a ball of radius `outside_block` (pores open
+  # onto the surface stay inside), 'blocks' leaves the whole band outside (jule3d/specimen.py).
+  c.patches.outside_block = 4  # Holes narrower than about this onto the surface stay inside.
+  c.patches.outside_surface = 'voxels'
   # Where patch centres go, for training and segmentation: 'foreground' (the paper: voxels passing
   # the threshold) or 'specimen' (also the air the specimen encloses: a region segmentation).
   c.patches.domain = 'foreground'
@@ -178,6 +183,7 @@ def get_config() -> ml_collections.ConfigDict:
 RECOMMENDED = {
   'patches.mask_outside': True,
   'patches.outside_fill': 'mirror',
+  'patches.outside_surface': 'voxels',
   'patches.domain': 'specimen',
   'cluster.initial_features': 'cue',
   'model.head': 'mean',

@@ -245,7 +245,9 @@ def _specimen_parts(config: ml_collections.ConfigDict, image, cache: str):
     block = config.patches.outside_block
     with volume.read_errors(image):
       if config.patches.domain == 'specimen':
-        interior = specimen.interior(image, d.threshold, d.foreground, block)
+        interior = specimen.interior(
+          image, d.threshold, d.foreground, block, config.patches.outside_surface
+        )
       if config.patches.mask_outside:  # one pass over the volume for both (known=interior)
         content = specimen.masked_volume(
           image,
@@ -257,6 +259,7 @@ def _specimen_parts(config: ml_collections.ConfigDict, image, cache: str):
           known=interior,
           fill_mode=config.patches.outside_fill,
           reach=config.patches.patch_size,
+          surface=config.patches.outside_surface,
         )
   return content, interior
 

@@ -158,3 +158,65 @@ def _centre_box(n, w):
   h = w // 2
   box[h : n - h, h : n - h, h : n - h] = True
   return box
+
+
+@pytest.fixture(scope='module')
+def pored(tmp_path_factory):
+  """A tissue ball with a narrow pore and a wide notch open onto its surface."""
+  n, c = 48, 24
+  z, y, x = np.ogrid[:n, :n, :n]
+  image = np.full((n, n, n), AIR, np.uint16)
+  image[(z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2 <= 16**2] = TISSUE
+  pore = ((z - c) ** 2 + (y - c) ** 2 <= 2.5**2) & (x <= 13) & (image == TISSUE)  # 5 wide
+  notch = ((y - c) ** 2 + (x - c) ** 2 <= 6**2) & (z >= 34) & (image == TISSUE)  # 13 wide
+  image[pore | notch] = AIR
+  path = str(tmp_path_factory.mktemp('pored') / 'pored.zarr')
+  volume.save_zarr(path, image, (1, 1, 1))
+  # The pore but for its mouth (the outer two voxels), where a ball outside the specimen dips in.
+  deep = pore & (np.sqrt((z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2) <= 13.5)
+  return volume.open_volume(path), image, pore, notch, deep
+
+
+def test_voxel_surface_keeps_pores_narrower_than_the_ball_inside(pored):
+  vol, image, pore, notch, deep = pored
+  coords = (np.arange(image.shape[0]),) * 3
+  dom = {
+    s: patches.in_domain(
+      image, THRESHOLD, 'above', specimen.interior(vol, THRESHOLD, 'above', 4, s), coords
+    )
+    for s in ('blocks', 'voxels')
+  }
+  # The block band leaves most of the pore out; the closing (a ball of radius 4, 9 voxels across)
+  # does not fit in it, so it is inside but for its mouth.
+  assert dom['blocks'][pore].mean() < 0.5 and dom['voxels'][deep].all()
+  assert dom['voxels'][pore].mean() > 0.75
+  # A notch wider than the ball stays outside along its axis, and so does the air around the ball.
+  axis = np.zeros_like(notch)
+  axis[37:41, 24, 24] = True
+  assert not dom['voxels'][axis].any() and not dom['blocks'][axis].any()
+  assert not dom['voxels'][0].any() and not dom['voxels'][:, :, -3:].any()
+  # Only band air changes: the voxel surface adds to the blocks' domain, never removes from it.
+  assert np.all(dom['voxels'][dom['blocks']])
+  assert np.all(dom['voxels'][image >= THRESHOLD])
+
+
+def test_voxel_surface_is_the_same_slab_by_slab(pored, monkeypatch):
+  vol = pored[0]
+  whole = specimen.interior(vol, THRESHOLD, 'above', 4, 'voxels').open_bits
+  monkeypatch.setattr(specimen, '_slab_depth', lambda *a: 4)  # twelve slabs, each with its halo
+  np.testing.assert_array_equal(
+    specimen.interior(vol, THRESHOLD, 'above', 4, 'voxels').open_bits, whole
+  )
+  assert whole.any()
+
+
+def test_masked_copy_leaves_the_pore_with_the_voxel_surface(pored, tmp_path):
+  vol, image, pore, notch, deep = pored
+  got = {
+    s: specimen.masked_volume(
+      vol, THRESHOLD, 'above', 4, str(tmp_path), fill_mode='mean', surface=s
+    ).read((0, 0, 0), image.shape)
+    for s in ('blocks', 'voxels')
+  }
+  assert np.all(got['voxels'][deep] == AIR) and np.any(got['blocks'][deep] != AIR)
+  assert len(list(tmp_path.iterdir())) == 2  # one cached copy per surface
