@@ -246,7 +246,7 @@ def _specimen_parts(config: ml_collections.ConfigDict, image, cache: str):
     with volume.read_errors(image):
       if config.patches.domain == 'specimen':
         interior = specimen.interior(
-          image, d.threshold, d.foreground, block, config.patches.outside_surface
+          image, d.threshold, d.foreground, block, config.patches.outside_surface, cache
         )
       if config.patches.mask_outside:  # one pass over the volume for both (known=interior)
         content = specimen.masked_volume(

@@ -46,7 +46,8 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from jule3d import patches, volume
+from jule3d import files, patches, volume
+from jule3d.errors import UserError
 
 _VERSION = 1  # part of the cache key: bump it when the mask or the fill changes
 
@@ -186,7 +187,7 @@ class Interior:
 
 
 def interior(
-  vol, threshold: float, direction: str, block: int, surface: str = 'blocks'
+  vol, threshold: float, direction: str, block: int, surface: str = 'blocks', cache_dir=None
 ) -> Interior:
   """The specimen's interior (Interior) of a volume.
 
@@ -197,12 +198,35 @@ def interior(
     block: coarse block edge, and the closing's radius (config.patches.outside_block).
     surface: config.patches.outside_surface: 'blocks' (the coarse band alone, one pass over the
       volume) or 'voxels' (the band refined by a closing, a second pass; memory 1 bit a voxel).
+    cache_dir: where the 'voxels' bits are kept once computed (WORKDIR/cache), or None.
 
   Returns:
     The Interior.
+
+  Raises:
+    UserError: the cache folder cannot be written.
   """
   near, fill = coarse_outside(vol, threshold, direction, block)
-  bits = _closing_rows(vol, threshold, direction, near, block) if surface == 'voxels' else None
+  bits = None
+  if surface == 'voxels':
+    path = None
+    if cache_dir is not None:
+      key = _cache_key(vol, threshold, direction, block)
+      path = os.path.join(cache_dir, f'specimen-{key}-surface.npy')
+    if path is not None and os.path.exists(path):
+      bits = np.load(path)
+    else:
+      bits = _closing_rows(vol, threshold, direction, near, block)
+      if path is not None:
+        try:
+          os.makedirs(cache_dir, exist_ok=True)
+          with files.atomic_path(path, '.npy') as tmp:
+            np.save(tmp, bits)
+        except OSError as e:
+          raise UserError(
+            f'the specimen surface cannot be written in {cache_dir!r} ({e.strerror or e}): free '
+            'space there or choose another --workdir.'
+          ) from None
   return Interior(near=near, block=int(block), fill=fill, surface=surface, open_bits=bits)
 
 
@@ -291,7 +315,7 @@ def masked_volume(
   final = os.path.join(cache_dir, f'specimen-{key}.zarr')
 
   def slabs():
-    inner = known if known else interior(vol, threshold, direction, block, surface)
+    inner = known if known else interior(vol, threshold, direction, block, surface, cache_dir)
     near, fill = inner.near, inner.fill
     info = np.iinfo(vol.dtype) if vol.dtype.kind in 'iu' else None
     value = np.clip(np.rint(fill), info.min, info.max) if info is not None else fill

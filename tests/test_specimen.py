@@ -219,4 +219,15 @@ def test_masked_copy_leaves_the_pore_with_the_voxel_surface(pored, tmp_path):
     for s in ('blocks', 'voxels')
   }
   assert np.all(got['voxels'][deep] == AIR) and np.any(got['blocks'][deep] != AIR)
-  assert len(list(tmp_path.iterdir())) == 2  # one cached copy per surface
+  assert len(list(tmp_path.glob('*.zarr'))) == 2  # one cached copy per surface
+
+
+def test_voxel_surface_is_computed_once_per_cache(pored, tmp_path, monkeypatch):
+  vol = pored[0]
+  first = specimen.interior(vol, THRESHOLD, 'above', 4, 'voxels', str(tmp_path))
+  assert [p.suffix for p in tmp_path.iterdir()] == ['.npy']
+  monkeypatch.setattr(specimen, '_closing_rows', lambda *a: pytest.fail('recomputed'))
+  again = specimen.interior(vol, THRESHOLD, 'above', 4, 'voxels', str(tmp_path))
+  np.testing.assert_array_equal(again.open_bits, first.open_bits)
+  with pytest.raises(pytest.fail.Exception, match='recomputed'):  # another block, another key
+    specimen.interior(vol, THRESHOLD, 'above', 2, 'voxels', str(tmp_path))
