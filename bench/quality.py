@@ -8,8 +8,8 @@ of the baselines from each report.json, so every figure is measured exactly as a
              mni152      the MNI152 T1 template into CSF/GM/WM (configs/mni152.py; needs nilearn)
   variants   recommended the shipped configs (configs/base.py RECOMMENDED)
              paper       ':paper', the paper's method as it is
-             block_surface, mean_fill, no_mask, no_domain, raw_init, texture_init, flatten_head,
-                         no_centre, no_smoothing, no_fill: one extension of the recommended method
+             mean_fill, no_mask, no_domain, raw_init, texture_init, flatten_head, no_centre,
+                         no_smoothing, no_fill, no_envelope: one extension of the recommended method
                          off (the ablation)
              intensity_only, descriptor_only: the same pipeline with the CNN features replaced by
                          the centre voxel's intensity or the period-0 descriptor (the cue the rule
@@ -69,6 +69,12 @@ VARIANTS = {
   'flatten_head': ('', ['--config.model.head=flatten'], True, "the paper's flatten head"),
   'no_centre': ('', ['--config.model.centre_size=0'], True, 'no centre path'),
   'no_fill': ('', ['--config.segment.fill=False'], False, 'faces left unlabelled'),
+  'no_envelope': (
+    '',
+    ['--config.segment.fill_envelope=False'],
+    False,
+    'the fill stops at the domain (pores open onto the surface unlabelled)',
+  ),
   'raw_init': ('', ['--config.cluster.initial_features=raw'], True, 'period 0 on L2 raw voxels'),
   'no_domain': (
     '',
@@ -81,12 +87,6 @@ VARIANTS = {
     ['--config.patches.outside_fill=mean'],
     True,
     "masking fills the specimen's mean, not its mirror image",
-  ),
-  'block_surface': (
-    '',
-    ['--config.patches.outside_surface=blocks'],
-    True,
-    'outside = the whole coarse band (pores open onto the surface left out)',
   ),
   'no_mask': ('', ['--config.patches.mask_outside=False'], True, 'no specimen masking'),
 }

@@ -63,12 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   # its statistics up to the surface) or 'mean' (the specimen's mean: reads as smooth tissue there).
   # Used only with mask_outside; the recommended method sets both.
   c.patches.outside_fill = 'mirror'
-  # Which background is outside (with mask_outside or the 'specimen' domain): the air connected to
-  # the volume's faces, found in blocks of `outside_block` voxels and their neighbours; 'voxels'
-  # refines that band voxel by voxel with a closing by a ball of radius `outside_block` (pores open
-  # onto the surface stay inside), 'blocks' leaves the whole band outside (jule3d/specimen.py).
-  c.patches.outside_block = 4  # Holes narrower than about this onto the surface stay inside.
-  c.patches.outside_surface = 'voxels'
+  c.patches.outside_block = 4  # Holes narrower than this (voxels) onto the surface stay inside.
   # Where patch centres go, for training and segmentation: 'foreground' (the paper: voxels passing
   # the threshold) or 'specimen' (also the air the specimen encloses: a region segmentation).
   c.patches.domain = 'foreground'
@@ -145,6 +140,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Label every voxel of the domain (patches.domain), also within w/2 of the volume's faces, with
   # the label of the nearest grid block (the paper leaves them 0).
   c.segment.fill = False
+  # With fill and the 'specimen' domain: the fill also labels the pores open onto the specimen's
+  # surface, up to its envelope (a closing of the foreground by a ball of radius
+  # patches.outside_block; jule3d/specimen.py); no patch is centred there.
+  c.segment.fill_envelope = False
   # What k-means clusters: 'cnn' (the learned features: the method) or, as ablations of the same
   # pipeline, 'intensity' (the centre voxel) or 'initial' (the period-0 descriptor of the patch:
   # 'texture', or 'cue' with the column the rule picks on the grid).
@@ -183,13 +182,13 @@ def get_config() -> ml_collections.ConfigDict:
 RECOMMENDED = {
   'patches.mask_outside': True,
   'patches.outside_fill': 'mirror',
-  'patches.outside_surface': 'voxels',
   'patches.domain': 'specimen',
   'cluster.initial_features': 'cue',
   'model.head': 'mean',
   'model.centre_size': 1,
   'segment.smoothing': 1.0,
   'segment.fill': True,
+  'segment.fill_envelope': True,
 }
 
 

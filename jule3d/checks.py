@@ -114,12 +114,6 @@ def _check_patches(c: ml_collections.ConfigDict) -> tuple[int, int]:
     "'mirror' or 'mean'",
   )
   _require(
-    c.patches.outside_surface in ('voxels', 'blocks'),
-    'patches.outside_surface',
-    c.patches.outside_surface,
-    "'voxels' or 'blocks'",
-  )
-  _require(
     c.patches.domain in ('foreground', 'specimen'),
     'patches.domain',
     c.patches.domain,

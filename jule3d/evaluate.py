@@ -146,7 +146,8 @@ def summarise(
   """Foreground, coverage and segment sizes, in one streaming pass over image and label volumes.
 
   Needs no reference. The domain is what jule3d.patches.in_domain says for the config (the
-  foreground, or the specimen interior with config.patches.domain = 'specimen').
+  foreground, or the specimen interior with config.patches.domain = 'specimen', up to its envelope
+  with config.segment.fill_envelope).
 
   Args:
     inputs: pipeline.Inputs (config with a numeric data.threshold, image, interior).
@@ -181,7 +182,8 @@ def summarise(
       reads = {name: scores.read_planes(pred, z0, z1) for name, pred in predictions.items()}
       fg = patches.foreground(slab, thr, direction)
       coords = (np.arange(z0, z1), np.arange(shape[1]), np.arange(shape[2]))
-      dom = fg if interior is None else interior.inside(fg, *coords)  # patches.in_domain
+      # The voxels that must be labelled (patches.in_domain with the fill's envelope).
+      dom = fg if interior is None else interior.inside(fg, *coords, envelope=True)
       fg_voxels += int(fg.sum())
       dom_voxels += int(dom.sum())
       got = {}

@@ -36,7 +36,12 @@ def foreground(values: np.ndarray, threshold: float, direction: str) -> np.ndarr
 
 
 def in_domain(
-  values: np.ndarray, threshold: float, direction: str, interior=None, coords=None
+  values: np.ndarray,
+  threshold: float,
+  direction: str,
+  interior=None,
+  coords=None,
+  envelope: bool = False,
 ) -> np.ndarray:
   """Where patch centres may go: foreground, or inside the specimen (config.patches.domain).
 
@@ -46,6 +51,8 @@ def in_domain(
     direction: 'above' or 'below'.
     interior: a jule3d.specimen.Interior for the 'specimen' domain; None: foreground only.
     coords: (z, y, x) index arrays of the block's voxels along each axis (with `interior`).
+    envelope: where labels go instead (the fill's domain): the specimen's envelope when the
+      interior holds one (config.segment.fill_envelope), else the same domain.
 
   Returns:
     bool array of the block's shape.
@@ -53,7 +60,7 @@ def in_domain(
   fg = foreground(values, threshold, direction)
   if interior is None:
     return fg
-  return interior.inside(fg, *coords)
+  return interior.inside(fg, *coords, envelope=envelope)
 
 
 def centre_bounds(shape: tuple[int, ...], patch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -245,9 +245,8 @@ def _specimen_parts(config: ml_collections.ConfigDict, image, cache: str):
     block = config.patches.outside_block
     with volume.read_errors(image):
       if config.patches.domain == 'specimen':
-        interior = specimen.interior(
-          image, d.threshold, d.foreground, block, config.patches.outside_surface, cache
-        )
+        envelope = config.segment.fill and config.segment.fill_envelope
+        interior = specimen.interior(image, d.threshold, d.foreground, block, envelope, cache)
       if config.patches.mask_outside:  # one pass over the volume for both (known=interior)
         content = specimen.masked_volume(
           image,
@@ -259,7 +258,6 @@ def _specimen_parts(config: ml_collections.ConfigDict, image, cache: str):
           known=interior,
           fill_mode=config.patches.outside_fill,
           reach=config.patches.patch_size,
-          surface=config.patches.outside_surface,
         )
   return content, interior
 

@@ -195,7 +195,9 @@ def write_labels(store, inputs, centres: np.ndarray, labels: np.ndarray, stride:
   def domain_of(a, b, _):
     values = np.asarray(img.store[a:b].read().result())
     coords = (np.arange(a, b), np.arange(img.shape[1]), np.arange(img.shape[2]))
-    return patches.in_domain(values, c.data.threshold, c.data.foreground, inputs.interior, coords)
+    return patches.in_domain(
+      values, c.data.threshold, c.data.foreground, inputs.interior, coords, envelope=True
+    )
 
   _write_slabs(
     store,

@@ -9,12 +9,17 @@ Which voxels are outside: not foreground (method §1 threshold), and in or next 
 (edge `block` voxels) of the background that is connected to the volume's faces. A block counts as
 specimen when any of its voxels is foreground, so holes narrower than a block that open onto the
 surface (alveoli cut by it) do not let the outside in; enclosed air (alveoli, airways) is never
-outside. That band reaches up to two blocks into the specimen, so pores open onto the surface were
-outside too: 4-5 % of the phantom's annotated voxels (`config.patches.outside_surface = 'blocks'`).
-With 'voxels' (the recommended method) a band voxel is outside only where a ball of radius `block`
-through it fits in the background (a morphological closing of the foreground): on the phantom the
-annotated voxels left out fall to 1.9 % / 3.0 % (96^3 / 128^3, seed 0), with no more outside air
-taken in (0.3 % of the specimen either way, PSF-blurred foreground).
+outside. That band reaches up to two blocks into the specimen, so the pores open onto the surface
+are outside too: 4.3 % / 5.3 % of the phantom's specimen voxels (96^3 / 128^3, seed 0).
+
+The envelope (`config.segment.fill_envelope`, the recommended method): the band voxels that a
+closing of the foreground by a ball of radius `block` fills, voxel by voxel, are inside it. They are
+labelled by the segmentation's fill (the label of the nearest segmented voxel), so a pore cut by the
+surface belongs to its tissue, as annotators draw regions; the patches, their centres and the
+masking keep the band rule. On the phantom the specimen voxels left unlabelled fall to 1.9 % / 3.0 %
+with no outside air taken in (`bench/specimen_surface.py`). Centring patches on those pores as
+well (training and k-means) made two of six phantom runs worse (NMI 0.645 and 0.594, seed 2), a
+segment being spent on the rim's pores; filling them does not touch the learned part.
 
 What goes there (`config.patches.outside_fill`):
 - 'mirror' (the recommended method): the specimen mirrored across its surface. An outside voxel
@@ -33,8 +38,8 @@ sampled centres, the stride grid, the baselines and the figures still use the im
 The masked copy is written once, slab by slab, as a zarr under WORKDIR/cache/ (memory: one slab
 plus the coarse block grid, 1/block^3 of the volume; with 'mirror' the slab also carries a patch
 edge of planes on each side and a Euclidean distance transform of it, about 40 bytes a voxel). The
-'voxels' surface keeps one bit a voxel for the whole volume (lung C: 26 MB) and costs a second
-pass, two distance transforms per slab.
+envelope keeps one bit a voxel for the whole volume (lung C: 26 MB, cached under WORKDIR/cache)
+and costs a second pass, two distance transforms per slab.
 """
 
 import dataclasses
@@ -159,35 +164,36 @@ class Interior:
   """Everything inside the specimen's outer surface: foreground plus the air it encloses.
 
   The segmentation domain of `config.patches.domain = 'specimen'` (a region segmentation, the way
-  annotators draw tissue regions: an alveolus of normal tissue is normal tissue), and the
-  complement of the voxels that `masked_volume` fills. A voxel is outside when it is not foreground,
-  lies in or next to a coarse block of the face-connected background (`coarse_outside`), and, with
-  surface 'voxels', is also left open by closing the foreground with a ball of radius `block`
-  (`_closing_rows`): pores that open onto the surface are inside up to the specimen's envelope.
+  annotators draw tissue regions: an alveolus of normal tissue is normal tissue). A voxel is inside
+  when it is foreground or lies outside every coarse block near the face-connected background
+  (`coarse_outside`): the complement of the voxels that `masked_volume` fills.
+
+  The envelope (`config.segment.fill_envelope`, with `open_bits`) adds the band's voxels that a
+  closing of the foreground by a ball of radius `block` fills (`_closing_rows`): the pores open onto
+  the surface. They get labels from the fill; no patch is centred there.
   """
 
   near: np.ndarray  # bool [ceil(Z/b), ceil(Y/b), ceil(X/b)] from coarse_outside
   block: int
   fill: float  # the specimen's mean (coarse_outside), what masked_volume writes outside
-  surface: str = 'blocks'  # 'voxels': `open_bits` refines the band voxel by voxel
   open_bits: np.ndarray | None = None  # uint8 [Z, Y, ceil(X/8)] from _closing_rows
 
-  def outside(self, fg: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The outside at the voxels (z x y x x) whose foreground test is `fg` [len(z), len(y), len(x)]."""
-    z, y, x = (np.asarray(a) for a in (z, y, x))
-    if self.surface == 'voxels':
-      rows = self.open_bits[np.ix_(z, y)]
-      return np.unpackbits(rows, axis=-1).astype(bool)[..., x] & ~fg
-    b = self.block
-    return self.near[np.ix_(z // b, y // b, x // b)] & ~fg
+  def inside(
+    self, fg: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray, envelope: bool = False
+  ) -> np.ndarray:
+    """The domain at the voxels (z x y x x) whose foreground test is `fg` [len(z), len(y), len(x)].
 
-  def inside(self, fg: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The domain at the voxels (z x y x x) whose foreground test is `fg` [len(z), len(y), len(x)]."""
-    return ~self.outside(fg, z, y, x)
+    With `envelope` (and `open_bits`), the envelope instead: the voxels that are not open.
+    """
+    z, y, x = (np.asarray(a) for a in (z, y, x))
+    if envelope and self.open_bits is not None:
+      return fg | ~np.unpackbits(self.open_bits[np.ix_(z, y)], axis=-1).astype(bool)[..., x]
+    b = self.block
+    return fg | ~self.near[np.ix_(z // b, y // b, x // b)]
 
 
 def interior(
-  vol, threshold: float, direction: str, block: int, surface: str = 'blocks', cache_dir=None
+  vol, threshold: float, direction: str, block: int, envelope: bool = False, cache_dir=None
 ) -> Interior:
   """The specimen's interior (Interior) of a volume.
 
@@ -196,9 +202,9 @@ def interior(
     threshold: foreground threshold.
     direction: 'above' or 'below'.
     block: coarse block edge, and the closing's radius (config.patches.outside_block).
-    surface: config.patches.outside_surface: 'blocks' (the coarse band alone, one pass over the
-      volume) or 'voxels' (the band refined by a closing, a second pass; memory 1 bit a voxel).
-    cache_dir: where the 'voxels' bits are kept once computed (WORKDIR/cache), or None.
+    envelope: also find the envelope (`_closing_rows`: a second pass over the volume, 1 bit a
+      voxel kept), for config.segment.fill_envelope.
+    cache_dir: where the envelope's bits are kept once computed (WORKDIR/cache), or None.
 
   Returns:
     The Interior.
@@ -208,11 +214,11 @@ def interior(
   """
   near, fill = coarse_outside(vol, threshold, direction, block)
   bits = None
-  if surface == 'voxels':
+  if envelope:
     path = None
     if cache_dir is not None:
       key = _cache_key(vol, threshold, direction, block)
-      path = os.path.join(cache_dir, f'specimen-{key}-surface.npy')
+      path = os.path.join(cache_dir, f'specimen-{key}-envelope.npy')
     if path is not None and os.path.exists(path):
       bits = np.load(path)
     else:
@@ -224,10 +230,10 @@ def interior(
             np.save(tmp, bits)
         except OSError as e:
           raise UserError(
-            f'the specimen surface cannot be written in {cache_dir!r} ({e.strerror or e}): free '
+            f'the specimen envelope cannot be written in {cache_dir!r} ({e.strerror or e}): free '
             'space there or choose another --workdir.'
           ) from None
-  return Interior(near=near, block=int(block), fill=fill, surface=surface, open_bits=bits)
+  return Interior(near=near, block=int(block), fill=fill, open_bits=bits)
 
 
 def _cache_key(vol, threshold: float, direction: str, block: int) -> str:
@@ -285,7 +291,6 @@ def masked_volume(
   known: Interior | None = None,
   fill_mode: str = 'mean',
   reach: int = 0,
-  surface: str = 'blocks',
 ) -> 'volume.Volume':
   """The volume with its outside replaced (the specimen mirrored, or its mean), cached as a zarr.
 
@@ -301,7 +306,6 @@ def masked_volume(
     fill_mode: 'mirror' (the specimen mirrored across its surface, `_mirrored`) or 'mean' (the
       specimen's mean everywhere outside).
     reach: with 'mirror', the patch edge (how far from the surface a patch sees).
-    surface: what is outside (config.patches.outside_surface, `Interior`): 'blocks' or 'voxels'.
 
   Returns:
     The masked copy, opened (same shape, dtype, spacing and affine).
@@ -311,11 +315,10 @@ def masked_volume(
   """
   mirror = fill_mode == 'mirror'
   key = _cache_key(vol, threshold, direction, block) + (f'-m{reach}' if mirror else '')
-  key += '-v' if surface == 'voxels' else ''
   final = os.path.join(cache_dir, f'specimen-{key}.zarr')
 
   def slabs():
-    inner = known if known else interior(vol, threshold, direction, block, surface, cache_dir)
+    inner = known if known else interior(vol, threshold, direction, block)
     near, fill = inner.near, inner.fill
     info = np.iinfo(vol.dtype) if vol.dtype.kind in 'iu' else None
     value = np.clip(np.rint(fill), info.min, info.max) if info is not None else fill
@@ -338,7 +341,7 @@ def masked_volume(
     for z0, ext in volume.read_ahead(range(0, n, depth), read):
       lo = max(0, z0 - halo)
       fg = patches.foreground(ext, threshold, direction)
-      outside = inner.outside(fg, np.arange(lo, lo + len(ext)), *map(np.arange, ext.shape[1:]))
+      outside = ~inner.inside(fg, np.arange(lo, lo + len(ext)), *map(np.arange, ext.shape[1:]))
       if mirror:
         yield z0, _mirrored(ext, outside, slice(z0 - lo, min(z0 + depth, n) - lo), reach, value)
       else:

@@ -328,11 +328,6 @@ CASES = {
   'unknown outside fill': Case(
     _args('--config.patches.outside_fill=zero'), 'patches.outside_fill', "'mirror' or 'mean'"
   ),
-  'unknown outside surface': Case(
-    _args('--config.patches.outside_surface=mesh'),
-    'patches.outside_surface',
-    "'voxels' or 'blocks'",
-  ),
   'even centre path': Case(_args('--config.model.centre_size=2'), 'model.centre_size', 'odd edge'),
   'misspelled config section': Case(
     _args('--config.trian.epochs_per_period=3'), "'trian'", 'Did you mean "train"'

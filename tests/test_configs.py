@@ -36,8 +36,7 @@ MOVED = {'data.expected_spacing': 'data.spacing'}
 RENAMED = {'model.feature_batch_size': 'segment.batch_size'}
 NEW_FIELDS += ['evaluate.kmeans_restarts']
 NEW_FIELDS += ['patches.outside_fill']  # what masking writes: no effect with mask_outside off
-# Which air is outside: no effect with both extensions off.
-NEW_FIELDS += ['patches.outside_surface']
+NEW_FIELDS += ['segment.fill_envelope']  # off in the paper configs, as the fill
 
 
 def _get(c, field):

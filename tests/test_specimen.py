@@ -177,57 +177,76 @@ def pored(tmp_path_factory):
   return volume.open_volume(path), image, pore, notch, deep
 
 
-def test_voxel_surface_keeps_pores_narrower_than_the_ball_inside(pored):
+def test_envelope_holds_pores_narrower_than_the_ball(pored):
   vol, image, pore, notch, deep = pored
   coords = (np.arange(image.shape[0]),) * 3
-  dom = {
-    s: patches.in_domain(
-      image, THRESHOLD, 'above', specimen.interior(vol, THRESHOLD, 'above', 4, s), coords
-    )
-    for s in ('blocks', 'voxels')
-  }
-  # The block band leaves most of the pore out; the closing (a ball of radius 4, 9 voxels across)
-  # does not fit in it, so it is inside but for its mouth.
-  assert dom['blocks'][pore].mean() < 0.5 and dom['voxels'][deep].all()
-  assert dom['voxels'][pore].mean() > 0.75
+  plain = specimen.interior(vol, THRESHOLD, 'above', 4)
+  inner = specimen.interior(vol, THRESHOLD, 'above', 4, envelope=True)
+  dom = patches.in_domain(image, THRESHOLD, 'above', inner, coords)
+  env = patches.in_domain(image, THRESHOLD, 'above', inner, coords, envelope=True)
+  # Patch centres keep the band rule; the envelope is only where labels go.
+  np.testing.assert_array_equal(dom, patches.in_domain(image, THRESHOLD, 'above', plain, coords))
+  np.testing.assert_array_equal(
+    patches.in_domain(image, THRESHOLD, 'above', plain, coords, envelope=True), dom
+  )
+  # The band leaves most of the pore out; the closing (a ball of radius 4, 9 voxels across) does
+  # not fit in it, so it is in the envelope but for its mouth.
+  assert dom[pore].mean() < 0.5 and env[deep].all()
+  assert env[pore].mean() > 0.75
   # A notch wider than the ball stays outside along its axis, and so does the air around the ball.
   axis = np.zeros_like(notch)
   axis[37:41, 24, 24] = True
-  assert not dom['voxels'][axis].any() and not dom['blocks'][axis].any()
-  assert not dom['voxels'][0].any() and not dom['voxels'][:, :, -3:].any()
-  # Only band air changes: the voxel surface adds to the blocks' domain, never removes from it.
-  assert np.all(dom['voxels'][dom['blocks']])
-  assert np.all(dom['voxels'][image >= THRESHOLD])
+  assert not env[axis].any() and not dom[axis].any()
+  assert not env[0].any() and not env[:, :, -3:].any()
+  # Only band air changes: the envelope adds to the domain, never removes from it.
+  assert np.all(env[dom]) and np.all(env[image >= THRESHOLD])
 
 
-def test_voxel_surface_is_the_same_slab_by_slab(pored, monkeypatch):
+def test_envelope_is_the_same_slab_by_slab(pored, monkeypatch):
   vol = pored[0]
-  whole = specimen.interior(vol, THRESHOLD, 'above', 4, 'voxels').open_bits
+  whole = specimen.interior(vol, THRESHOLD, 'above', 4, envelope=True).open_bits
   monkeypatch.setattr(specimen, '_slab_depth', lambda *a: 4)  # twelve slabs, each with its halo
   np.testing.assert_array_equal(
-    specimen.interior(vol, THRESHOLD, 'above', 4, 'voxels').open_bits, whole
+    specimen.interior(vol, THRESHOLD, 'above', 4, envelope=True).open_bits, whole
   )
   assert whole.any()
 
 
-def test_masked_copy_leaves_the_pore_with_the_voxel_surface(pored, tmp_path):
-  vol, image, pore, notch, deep = pored
-  got = {
-    s: specimen.masked_volume(
-      vol, THRESHOLD, 'above', 4, str(tmp_path), fill_mode='mean', surface=s
-    ).read((0, 0, 0), image.shape)
-    for s in ('blocks', 'voxels')
-  }
-  assert np.all(got['voxels'][deep] == AIR) and np.any(got['blocks'][deep] != AIR)
-  assert len(list(tmp_path.glob('*.zarr'))) == 2  # one cached copy per surface
-
-
-def test_voxel_surface_is_computed_once_per_cache(pored, tmp_path, monkeypatch):
+def test_envelope_is_computed_once_per_cache(pored, tmp_path, monkeypatch):
   vol = pored[0]
-  first = specimen.interior(vol, THRESHOLD, 'above', 4, 'voxels', str(tmp_path))
+  first = specimen.interior(vol, THRESHOLD, 'above', 4, True, str(tmp_path))
   assert [p.suffix for p in tmp_path.iterdir()] == ['.npy']
   monkeypatch.setattr(specimen, '_closing_rows', lambda *a: pytest.fail('recomputed'))
-  again = specimen.interior(vol, THRESHOLD, 'above', 4, 'voxels', str(tmp_path))
+  again = specimen.interior(vol, THRESHOLD, 'above', 4, True, str(tmp_path))
   np.testing.assert_array_equal(again.open_bits, first.open_bits)
   with pytest.raises(pytest.fail.Exception, match='recomputed'):  # another block, another key
-    specimen.interior(vol, THRESHOLD, 'above', 2, 'voxels', str(tmp_path))
+    specimen.interior(vol, THRESHOLD, 'above', 2, True, str(tmp_path))
+
+
+def test_fill_labels_the_envelope_and_coverage_counts_it(pored, tmp_path):
+  from configs import smoke
+  from jule3d import evaluate, pipeline, segment
+
+  vol, image, pore, notch, deep = pored
+  c = smoke.get_config()
+  c.data.threshold, c.patches.domain, c.segment.fill = float(THRESHOLD), 'specimen', True
+  tissue = image >= THRESHOLD
+  centres = np.argwhere(tissue)  # every tissue voxel a grid centre, label 1 + (x >= 24)
+  labels = 1 + (centres[:, 2] >= 24).astype(np.int64)
+  got = {}
+  for envelope in (False, True):
+    inner = specimen.interior(vol, THRESHOLD, 'above', 4, envelope=envelope)
+    inputs = pipeline.Inputs(config=c, image=vol, labels=None, interior=inner)
+    path = str(tmp_path / f'seg{envelope}.zarr')
+    with volume.zarr_writer(path, image.shape, np.uint8, (1, 1, 1)) as store:
+      segment.write_labels(store, inputs, centres, labels, 1)
+    got[envelope] = volume.open_volume(path).read((0, 0, 0), image.shape)
+    cover = evaluate.summarise(inputs, {'jule3d': got[envelope]})['coverage']
+    assert cover['labelled_fraction'] == 1.0  # every voxel that must be labelled is
+    assert cover['foreground_voxels'] == int(
+      patches.in_domain(image, THRESHOLD, 'above', inner, (np.arange(48),) * 3, True).sum()
+    )
+  # The pore (x < 24) takes its tissue's label with the envelope; without, most of it stays 0.
+  assert np.all(got[True][deep] == 1) and (got[False][pore] == 0).mean() > 0.5
+  np.testing.assert_array_equal(got[True][tissue], got[False][tissue])
+  assert not got[True][0].any()  # no outside air labelled
