@@ -5,7 +5,7 @@ Command (what `make demo` runs):
 
 Expected runtime: about a minute on 2 CPU cores (phantom generation, JULE training, stride-1
 segmentation, evaluation with three baselines and report). Expected result (README "Results"):
-jule3d NMI 0.68-0.70 over run seeds 0-2, against k-means on intensity 0.05, multi-Otsu 0.05 and
+jule3d NMI 0.72-0.73 over run seeds 0-2, against k-means on intensity 0.05, multi-Otsu 0.05 and
 Atropos 0.07: the phantom's regions differ in texture, not in mean intensity. `:paper`: 0.10-0.18.
 """
 

@@ -18,8 +18,8 @@ labelled by the segmentation's fill (the label of the nearest segmented voxel), 
 surface belongs to its tissue, as annotators draw regions; the patches, their centres and the
 masking keep the band rule. On the phantom the specimen voxels left unlabelled fall to 1.9 % / 3.0 %
 with no outside air taken in (`bench/specimen_surface.py`). Centring patches on those pores as
-well (training and k-means) made two of six phantom runs worse (NMI 0.645 and 0.594, seed 2), a
-segment being spent on the rim's pores; filling them does not touch the learned part.
+well (training and k-means) made two of six phantom runs worse (NMI 0.645 and 0.594, run seed 2:
+worse training clusters, two tissues merged); filling them leaves the learned part as it was.
 
 What goes there (`config.patches.outside_fill`):
 - 'mirror' (the recommended method): the specimen mirrored across its surface. An outside voxel
