@@ -146,8 +146,7 @@ def resumable_features(
     out = np.asarray(compute(centres[a:b]), np.float32)
     logging.info('feature part %d: %d grid patches in %.1fs', i, b - a, time.time() - t0)
     shown.update(int(b))
-    with files.atomic_path(path, '.npy') as tmp:
-      np.save(tmp, out)
+    files.write_npy_atomic(path, out)
     parts.append(out)
   if not complete:
     return None

@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from jule3d.workdir import BASELINES, CACHE
 
 
@@ -81,6 +83,17 @@ def write_json_atomic(path: str, obj: Any) -> None:
     obj: JSON-serialisable object.
   """
   write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
+
+
+def write_npy_atomic(path: str, array) -> None:
+  """np.save of `array` to `path` (a .npy name) through a temporary beside it, renamed over it.
+
+  Args:
+    path: final file path, ending in .npy.
+    array: the array.
+  """
+  with atomic_path(path, '.npy') as tmp:
+    np.save(tmp, array)
 
 
 # temp_path's names; also `.{name}.{random}.tmp` and `.{name}.tmp.npz`, which earlier versions

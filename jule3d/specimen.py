@@ -108,6 +108,11 @@ def coarse_outside(vol, threshold: float, direction: str, block: int) -> tuple[n
   return near, fill
 
 
+def _band(near: np.ndarray, block: int, z, y, x) -> np.ndarray:
+  """The coarse band `near` at the voxels (z x y x x): [len(z), len(y), len(x)] bool."""
+  return near[np.ix_(np.asarray(z) // block, np.asarray(y) // block, np.asarray(x) // block)]
+
+
 def _closing_rows(vol, threshold, direction, near: np.ndarray, block: int) -> np.ndarray:
   """The voxels near the outside that a morphological closing leaves open, bit-packed along x.
 
@@ -131,7 +136,7 @@ def _closing_rows(vol, threshold, direction, near: np.ndarray, block: int) -> np
 
   for z0, ext in volume.read_ahead(range(0, n, depth), read):
     lo, hi = max(0, z0 - halo), min(n, z0 + depth)
-    band = _band_rows(near, block, z0, hi - z0, ext.shape[1:])
+    band = _band(near, block, np.arange(z0, hi), *map(np.arange, ext.shape[1:]))
     if not band.any():
       rows.append(np.packbits(band, axis=-1))
       continue
@@ -150,13 +155,6 @@ def _closing_rows(vol, threshold, direction, near: np.ndarray, block: int) -> np
   return (
     np.concatenate(rows) if rows else np.zeros((0, vol.shape[1], -(-vol.shape[2] // 8)), np.uint8)
   )
-
-
-def _band_rows(near: np.ndarray, block: int, z0: int, depth: int, plane) -> np.ndarray:
-  # The coarse band `near`, up-sampled to voxels, for planes z0 .. z0 + depth.
-  rows = near[z0 // block : -(-(z0 + depth) // block)]
-  up = rows.repeat(block, 0).repeat(block, 1).repeat(block, 2)
-  return up[z0 % block : z0 % block + depth, : plane[0], : plane[1]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +186,7 @@ class Interior:
     z, y, x = (np.asarray(a) for a in (z, y, x))
     if envelope and self.open_bits is not None:
       return fg | ~np.unpackbits(self.open_bits[np.ix_(z, y)], axis=-1).astype(bool)[..., x]
-    b = self.block
-    return fg | ~self.near[np.ix_(z // b, y // b, x // b)]
+    return fg | ~_band(self.near, self.block, z, y, x)
 
 
 def interior(
@@ -226,8 +223,7 @@ def interior(
       if path is not None:
         try:
           os.makedirs(cache_dir, exist_ok=True)
-          with files.atomic_path(path, '.npy') as tmp:
-            np.save(tmp, bits)
+          files.write_npy_atomic(path, bits)
         except OSError as e:
           raise UserError(
             f'the specimen envelope cannot be written in {cache_dir!r} ({e.strerror or e}): free '
