@@ -75,6 +75,12 @@ VARIANTS = {
     False,
     'the fill stops at the domain (pores open onto the surface unlabelled)',
   ),
+  'hidden_layer': (
+    '',
+    ['--config.segment.layer=hidden'],
+    False,
+    "tried, not recommended: k-means reads the CNN's hidden layer, not its embedding",
+  ),
   'raw_init': ('', ['--config.cluster.initial_features=raw'], True, 'period 0 on L2 raw voxels'),
   'no_domain': (
     '',
@@ -89,6 +95,12 @@ VARIANTS = {
     "masking fills the specimen's mean, not its mirror image",
   ),
   'no_mask': ('', ['--config.patches.mask_outside=False'], True, 'no specimen masking'),
+  'augment': (
+    '',
+    ['--config.train.augment=symmetries'],
+    True,
+    "tried, not recommended: training patches under the cube's 48 symmetries",
+  ),
 }
 BASELINES = ('kmeans_intensity', 'multi_otsu', 'atropos')
 
@@ -197,10 +209,14 @@ def main(argv=None) -> int:
     f'(this invocation: {wall / 60:.1f} min; runs already in '
     f'{os.path.relpath(store, ROOT)} are not repeated).',
   ]
-  carried = sorted(
-    {results[k]['reused'] + f' ({k.split("/")[2]})' for k in keys if 'reused' in results.get(k, {})}
-  )
-  body += [f'Carried over from an earlier tree, not rerun: {r}.' for r in carried]
+  carried = {}  # reason -> the variants carried over for it
+  for k in keys:
+    if 'reused' in results.get(k, {}):
+      carried.setdefault(results[k]['reused'], set()).add(k.split('/')[2])
+  body += [
+    f'Carried over from an earlier tree, not rerun: {r} ({", ".join(sorted(v))}).'
+    for r, v in sorted(carried.items())
+  ]
   for d in data:
     body += ['', f'### {d}', '', table(results, d, seeds, variants)]
   text = '\n'.join(body)

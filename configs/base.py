@@ -123,6 +123,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 5e-5  # L2 weight decay, added to the gradient of every parameter.
   c.train.anchor_only_grad = False  # Released-Torch variant: gradients through anchors only.
   c.train.dampened_momentum = False  # Released-Torch variant: v = 0.9 v + 0.1 g.
+  # 'symmetries': each training patch turned/mirrored by one of the cube's 48 symmetries, drawn
+  # per patch and step (jule3d/symmetries.py); 'none' = the paper. Measured and left off (README
+  # "Honest reading": with 2-3 epochs per period two demo seeds of three fall apart).
+  c.train.augment = 'none'
   c.train.keep_checkpoints = 3  # Checkpoints kept under WORKDIR/checkpoints (older ones pruned).
 
   # --- Phase 2: segmentation (method §5) ----------------------------------------------------------
@@ -137,6 +141,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Potts weight beta of the spatial regularisation of the k-means labels on the grid, in units of
   # the mean k-means distortion (jule3d/regularise.py); 0 = off (the paper).
   c.segment.smoothing = 0.0
+  # Which of the CNN's layers k-means reads: 'embedding' (the paper: the L2-normalised output the
+  # triplet loss shapes) or 'hidden' (the first dense layer's ReLU output, which that output reads).
+  # 'hidden' was measured and left off (README "Honest reading": MNI152 +0.05, the demo -0.03).
+  c.segment.layer = 'embedding'
   # Label every voxel of the domain (patches.domain), also within w/2 of the volume's faces, with
   # the label of the nearest grid block (the paper leaves them 0).
   c.segment.fill = False

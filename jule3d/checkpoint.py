@@ -44,6 +44,9 @@ _FINGERPRINT_IGNORED = {
   ('data', 'cache_chunk'),
   ('model', 'feature_batch_size'),
 }
+# Fields added after runs were trained without them, and the value that means "as before": at that
+# value a field is left out of the hash, so a run trained before it existed still resumes.
+_FINGERPRINT_ADDED = {('train', 'augment'): 'none'}
 
 
 def fingerprint(config_dict: dict[str, Any], data: str | None = None) -> str:
@@ -64,7 +67,12 @@ def fingerprint(config_dict: dict[str, Any], data: str | None = None) -> str:
   for section in FINGERPRINT_SECTIONS:
     value = config_dict.get(section)
     if isinstance(value, dict):
-      value = {k: v for k, v in value.items() if (section, k) not in _FINGERPRINT_IGNORED}
+      value = {
+        k: v
+        for k, v in value.items()
+        if (section, k) not in _FINGERPRINT_IGNORED
+        and ((section, k) not in _FINGERPRINT_ADDED or v != _FINGERPRINT_ADDED[section, k])
+      }
     picked[section] = value
   if data is not None:
     picked['data'] = {**picked['data'], 'path': None, 'identity': data}

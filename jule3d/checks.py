@@ -208,6 +208,9 @@ def _check_train(c: ml_collections.ConfigDict) -> None:
   _require(0 <= t.momentum < 1, 'train.momentum', t.momentum, 'a number in [0, 1)')
   _require(t.weight_decay >= 0, 'train.weight_decay', t.weight_decay, 'a number >= 0')
   _require(t.margin >= 0, 'train.margin', t.margin, 'a number >= 0')
+  _require(
+    t.augment in ('none', 'symmetries'), 'train.augment', t.augment, "'none' or 'symmetries'"
+  )
 
 
 def _check_segment(c: ml_collections.ConfigDict, w: int) -> None:
@@ -233,6 +236,7 @@ def _check_segment(c: ml_collections.ConfigDict, w: int) -> None:
     "'auto', 'dense' or 'per_patch'",
   )
   _require(s.smoothing >= 0, 'segment.smoothing', s.smoothing, 'a number >= 0 (0 = off)')
+  _require(s.layer in ('embedding', 'hidden'), 'segment.layer', s.layer, "'embedding' or 'hidden'")
   _require(
     s.features in SEGMENT_FEATURES,
     'segment.features',

@@ -148,7 +148,7 @@ def _affine(params, stats, name: str, eps: float):
 
 @functools.partial(jax.jit, static_argnames='block')
 def _block_features(block: _Block, variables, x: jax.Array, mean, std) -> jax.Array:
-  """Features of every lattice point of one block: [t0 * t1 * t2, embed_dim], raster order."""
+  """Features of every lattice point of one block: [t0 * t1 * t2, NetSpec.width], raster order."""
   n = block.net
   p = n.pool_size
   _, e2, _, e4 = n.edges()
@@ -205,8 +205,10 @@ def _block_features(block: _Block, variables, x: jax.Array, mean, std) -> jax.Ar
     )
     return y + params[name]['bias']
 
-  f = dense(jax.nn.relu(dense(f, 'fc1')), 'fc2')
-  return model.l2_normalize(f)
+  f = jax.nn.relu(dense(f, 'fc1'))
+  if n.output == 'hidden':  # model.JuleCNN's output='hidden'
+    return f
+  return model.l2_normalize(dense(f, 'fc2'))
 
 
 def _lattice_step(centres: np.ndarray, h: int, stride: int | None) -> int:
@@ -299,7 +301,8 @@ def dense_grid_features(
     memory_mb: working-set budget per block (estimate) when choosing the block size.
 
   Returns:
-    [M, embed_dim] float32, row i the feature of centres[i].
+    [M, width] float32 (NetSpec.width: the embedding, or the hidden layer with net.output =
+    'hidden'), row i the feature of centres[i].
 
   Raises:
     ValueError: malformed centres, a centre whose patch leaves the volume, centres off the given
@@ -309,13 +312,13 @@ def dense_grid_features(
   _check(volume, centres, patch_size, std)
   n = model.net_spec(net, patch_size)
   if len(centres) == 0:
-    return np.zeros((0, n.embed_dim), np.float32)
+    return np.zeros((0, n.width), np.float32)
   h = patch_size // 2
   step = _lattice_step(centres, h, stride)
   cells = grid.shape_of(volume.shape, patch_size, step)
   block = _plan(n, step, cells, memory_mb, slab_planes)
   bidx, local_flat, groups = _block_groups(centres, patch_size, step, block.t, cells)
-  feats = np.empty((len(centres), n.embed_dim), np.float32)
+  feats = np.empty((len(centres), n.width), np.float32)
   _run_blocks(volume, block, variables, step, bidx, local_flat, groups, mean, std, feats)
   return feats
 

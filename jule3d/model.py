@@ -118,6 +118,9 @@ class JuleCNN(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   conv_impl: str = 'auto'
+  # What the network returns: 'embedding' (the L2-normalised output the triplet loss trains) or
+  # 'hidden' (the first dense layer's ReLU output, which the output layer reads; config.segment.layer).
+  output: str = 'embedding'
   dtype: str = 'float32'
   head: str = 'flatten'
   centre_size: int = 0
@@ -134,7 +137,8 @@ class JuleCNN(nn.Module):
         batch statistics. Only used when `train`.
 
     Returns:
-      [B, embed_dim] float32 embeddings, rows of norm ~1 (0 for an all-zero pre-normalised row).
+      [B, embed_dim] float32 embeddings, rows of norm ~1 (0 for an all-zero pre-normalised row);
+      with `output='hidden'`, [B, hidden_dim], the first dense layer's ReLU output.
     """
     impl = resolve_conv_impl(self.conv_impl, self.dtype)
     cdt = jnp.bfloat16 if self.dtype == 'bfloat16' else jnp.float32
@@ -169,6 +173,8 @@ class JuleCNN(nn.Module):
       x = jnp.concatenate([x, centre], axis=1)
     self.sow('intermediates', 'flatten', x)
     x = nn.relu(Dense(self.hidden_dim, self.init_std, cdt, name='fc1')(x))
+    if self.output == 'hidden':
+      return x
     x = Dense(self.embed_dim, self.init_std, cdt, name='fc2')(x)
     return l2_normalize(x)
 
@@ -280,6 +286,12 @@ class NetSpec:
   patch_size: int
   head: str = 'flatten'
   centre_size: int = 0
+  output: str = 'embedding'
+
+  @property
+  def width(self) -> int:
+    """Width of the features the network returns (JuleCNN.output)."""
+    return self.hidden_dim if self.output == 'hidden' else self.embed_dim
 
   def edges(self) -> tuple[int, int, int, int]:
     """Per-patch edges: conv1 output, pooled, conv2 output, conv3 output (module `edges`)."""
@@ -300,6 +312,7 @@ def net_spec(net: JuleCNN, patch_size: int) -> NetSpec:
     patch_size=int(patch_size),
     head=str(net.head),
     centre_size=int(net.centre_size),
+    output=str(net.output),
   )
 
 

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jule3d import symmetries
 from jule3d.model import JuleCNN, init_variables
 
 
@@ -259,6 +260,9 @@ def train_step(
   valid = jnp.asarray(batch['valid'], bool)
   patches = jnp.where(valid[:, None, None, None], batch['patches'], 0.0)
   rng = jax.random.fold_in(state.rng, state.step)
+  if cfg.augment == 'symmetries':
+    which = symmetries.draw(jax.random.fold_in(rng, 1), patches.shape[0])
+    patches = symmetries.apply(patches, which)
   anchor, positive, negative, mask = triplets(batch['labels'], int(cfg.num_neg), rng, valid)
 
   def loss_fn(params):

@@ -44,6 +44,9 @@ from jule3d.workdir import (
 _MODEL_FIELDS = ('conv_features', 'kernel_size', 'pool_size', 'hidden_dim', 'embed_dim')
 # Fields added later, with the value that checkpoints written before them were trained with.
 _MODEL_DEFAULTS = {'head': 'flatten', 'centre_size': 0}
+# What the CNN saw around the specimen (jule3d/specimen.py): patches masked another way are other
+# inputs. The fill and its block only matter where the outside is masked. Defaults as above.
+_MASK_DEFAULTS = {'mask_outside': False, 'outside_fill': 'mean', 'outside_block': 4}
 
 
 def load_model(config, workdir: str):
@@ -72,6 +75,13 @@ def load_model(config, workdir: str):
       (f'model.{f}', had[f], config.model[f])
       for f in (*_MODEL_FIELDS, *_MODEL_DEFAULTS)
       if _norm(had[f]) != _norm(config.model[f])
+    ]
+    had_p = {**_MASK_DEFAULTS, **trained['patches']}
+    masking = ('mask_outside', 'outside_fill', 'outside_block') if had_p['mask_outside'] else ()
+    mismatches += [
+      (f'patches.{f}', had_p[f], config.patches[f])
+      for f in masking or ('mask_outside',)
+      if _norm(had_p[f]) != _norm(config.patches[f])
     ]
     if trained['patches']['patch_size'] != config.patches.patch_size:
       mismatches.insert(
@@ -255,6 +265,7 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
     if os.path.exists(path) and not overwrite:
       raise UserError(f'{path!r} already exists: pass --overwrite to replace it.')
   net, variables, meta = load_model(c, workdir)
+  net = net.clone(output=c.segment.layer)
   w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
   t0 = time.time()
   centres = grid.centres(
@@ -327,6 +338,7 @@ def _grid_features(inputs, workdir, net, variables, meta, centres, path: str):
     )
 
   key = f'{meta["fingerprint"]}-{meta["history"]["periods"][-1]["period"]}-{w}-{s}-{len(centres)}'
+  key += '-hidden' if net.output == 'hidden' else ''
   blocks = dense.block_planes(net, w, s, inputs.image.shape) if path == 'dense' else 1
   per_part = grid.part_planes(c.segment.part_planes, w, s, blocks)
   progress = os.path.join(workdir, SEGMENT_PROGRESS)

@@ -328,6 +328,12 @@ CASES = {
   'unknown outside fill': Case(
     _args('--config.patches.outside_fill=zero'), 'patches.outside_fill', "'mirror' or 'mean'"
   ),
+  'unknown layer': Case(
+    _args('--config.segment.layer=fc2'), 'segment.layer', "'embedding' or 'hidden'"
+  ),
+  'unknown augmentation': Case(
+    _args('--config.train.augment=flips'), 'train.augment', "'none' or 'symmetries'"
+  ),
   'even centre path': Case(_args('--config.model.centre_size=2'), 'model.centre_size', 'odd edge'),
   'misspelled config section': Case(
     _args('--config.trian.epochs_per_period=3'), "'trian'", 'Did you mean "train"'

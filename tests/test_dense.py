@@ -95,6 +95,24 @@ def test_dense_equals_per_patch_for_each_head(fields, shape, stride):
   assert got.std(axis=0).max() > 0.05
 
 
+@pytest.mark.parametrize('fields', [{}, {'head': 'mean', 'centre_size': 1}])
+def test_dense_equals_per_patch_for_the_hidden_layer(fields):
+  # config.segment.layer = 'hidden': both paths return the first dense layer's ReLU output.
+  _, net, variables = _model(W, 3, (4, 5, 6), 7, 5, **fields)
+  hidden = net.clone(output='hidden')
+  shape = (22, 19, 24)
+  vol = _volume(_random(shape))
+  centres = _grid(shape, W, 2)
+  got = dense.dense_grid_features(vol, centres, W, hidden, variables, MEAN, STD, stride=2)
+  want = _per_patch(vol, centres, W, hidden, variables)
+  assert got.shape == (len(centres), 7) and got.min() >= 0
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+  # Unnormalised (about 0.02 here, not unit rows): it must still vary 100x the tolerance.
+  assert got.std(axis=0).max() > 0.01
+  embedding = dense.dense_grid_features(vol, centres, W, net, variables, MEAN, STD, stride=2)
+  assert embedding.shape == (len(centres), 5)
+
+
 def test_border_centres_and_sparse_foreground(tiny):
   _, net, variables = tiny
   w, shape = W, (24, 21, 26)

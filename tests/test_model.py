@@ -259,3 +259,16 @@ def test_mean_head_averages_the_last_map_and_centre_path_reads_the_centre():
     jnp.abs(net.apply(variables, bumped, train=False) - net.apply(variables, x, train=False)).max()
   )
   assert with_path > without
+
+
+def test_hidden_output_is_what_the_output_layer_reads():
+  cfg = small_cfg(patch=15)
+  cfg.head, cfg.centre_size = 'mean', 1
+  net = model_lib.build_model(cfg)
+  variables = model_lib.init_variables(net, jax.random.key(2), 15)
+  x = patches(4, 15, seed=5)
+  hidden = np.asarray(net.clone(output='hidden').apply(variables, x, train=False))
+  assert hidden.shape == (4, cfg.hidden_dim) and hidden.min() >= 0 and hidden.max() > 0
+  fc2 = variables['params']['fc2']
+  again = model_lib.l2_normalize(jnp.asarray(hidden) @ fc2['kernel'] + fc2['bias'])
+  np.testing.assert_allclose(again, net.apply(variables, x, train=False), rtol=1e-5, atol=1e-6)

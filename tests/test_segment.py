@@ -62,6 +62,27 @@ def test_mismatched_model_names_the_field(smoke_run, tmp_path):
   assert proc.returncode == 2 and 'model.hidden_dim' in proc.stderr
 
 
+@pytest.mark.parametrize(
+  'flag, field',
+  [
+    ('--config.patches.mask_outside=False', 'patches.mask_outside'),
+    ('--config.patches.outside_fill=mean', 'patches.outside_fill'),
+    ('--config.patches.outside_block=2', 'patches.outside_block'),
+  ],
+)
+def test_checkpoint_trained_on_other_masking_names_the_field(smoke_run, tmp_path, flag, field):
+  # The smoke run masked the outside with the mirror fill: its features of patches masked another
+  # way (or not at all) would mean something else.
+  proc = run_cli(
+    '--config=configs/smoke.py',
+    f'--workdir={tmp_path}',
+    '--mode=segment',
+    f'--config.segment.checkpoint={smoke_run}',
+    flag,
+  )
+  assert proc.returncode == 2 and field in proc.stderr, proc.stderr
+
+
 def test_no_checkpoint_and_too_many_segments(smoke_run, tmp_path):
   proc = run_cli('--config=configs/smoke.py', f'--workdir={tmp_path}', '--mode=segment')
   assert proc.returncode == 2 and 'no checkpoint' in proc.stderr
