@@ -14,6 +14,8 @@ of the baselines from each report.json, so every figure is measured exactly as a
              intensity_only, descriptor_only: the same pipeline with the CNN features replaced by
                          the centre voxel's intensity or the period-0 descriptor (the cue the rule
                          picks: what the method adds by hand; smoothing and fill stay on)
+             hidden_layer, augment: options measured and left off (segment.layer = 'hidden',
+                         train.augment = 'symmetries'; README "Honest reading")
 
 Variants that change only phase 2 segment with the recommended run's checkpoint
 (`--config.segment.checkpoint`; training is identical), and every run reuses the recommended run's

@@ -144,6 +144,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Which of the CNN's layers k-means reads: 'embedding' (the paper: the L2-normalised output the
   # triplet loss shapes) or 'hidden' (the first dense layer's ReLU output, which that output reads).
   # 'hidden' was measured and left off (README "Honest reading": MNI152 +0.05, the demo -0.03).
+  # Its grid features are hidden_dim floats a grid patch instead of embed_dim (4x on the demo and
+  # MNI152, 8.4x with the paper's network), which the stride rule below does not count.
   c.segment.layer = 'embedding'
   # Label every voxel of the domain (patches.domain), also within w/2 of the volume's faces, with
   # the label of the nearest grid block (the paper leaves them 0).

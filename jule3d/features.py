@@ -51,7 +51,7 @@ def grid_features(
     slab_depth: axis-0 voxels of centres per read (the grid stride reads one grid plane at a time).
 
   Returns:
-    [M, embed_dim] float32.
+    [M, D] float32 (D: NetSpec.width of the network).
   """
   m = sharding.mesh(local=True)  # each process embeds its own patches
   variables = jax.device_put(variables, sharding.replicated(m))
@@ -257,7 +257,7 @@ def embed_batches(embed_fn, variables, batches, num: int, batch_size: int, m) ->
     m: the mesh each batch is split over.
 
   Returns:
-    [num, embed_dim] float32 (None when `batches` is empty).
+    [num, D] float32, D the network's output width (None when `batches` is empty).
   """
   feats = None
   for idx, gather in batches:
@@ -280,7 +280,7 @@ def extract_features(embed_fn, variables, data: jax.Array, batch_size: int) -> n
     batch_size: patches per call.
 
   Returns:
-    [N, embed_dim] float32 numpy array.
+    [N, D] float32 numpy array (D: the network's output width).
   """
   n = data.shape[0]
 

@@ -386,7 +386,7 @@ def embed(model: JuleCNN, variables: dict[str, Any], patches: jax.Array) -> jax.
     patches: [B, w, w, w] normalised patches.
 
   Returns:
-    [B, embed_dim] float32 L2-normalised features.
+    [B, NetSpec.width] float32: the L2-normalised embedding, or the hidden layer (model.output).
   """
   return model.apply(
     {'params': variables['params'], 'batch_stats': variables['batch_stats']}, patches, train=False
@@ -394,7 +394,7 @@ def embed(model: JuleCNN, variables: dict[str, Any], patches: jax.Array) -> jax.
 
 
 def make_embed_fn(model: JuleCNN) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
-  """`embed` with the model bound: `fn(variables, patches) -> [B, embed_dim]` (jitted).
+  """`embed` with the model bound: `fn(variables, patches) -> [B, NetSpec.width]` (jitted).
 
   Args:
     model: the network.

@@ -3,7 +3,8 @@
 The model, its normalisation statistics and its patch size come from the checkpoint, so a model
 trained on one volume segments another (`config.segment.checkpoint` = that run's workdir). Patches
 stream from the volume slab by slab and the label volume is written slab by slab, so neither the
-volume nor the label volume is ever whole in memory; the grid features are (M x embed_dim floats).
+volume nor the label volume is ever whole in memory; the grid features are (M x embed_dim floats,
+or M x hidden_dim with segment.layer = 'hidden').
 """
 
 import os
@@ -43,10 +44,34 @@ from jule3d.workdir import (
 # same thing.
 _MODEL_FIELDS = ('conv_features', 'kernel_size', 'pool_size', 'hidden_dim', 'embed_dim')
 # Fields added later, with the value that checkpoints written before them were trained with.
-_MODEL_DEFAULTS = {'head': 'flatten', 'centre_size': 0}
-# What the CNN saw around the specimen (jule3d/specimen.py): patches masked another way are other
-# inputs. The fill and its block only matter where the outside is masked. Defaults as above.
-_MASK_DEFAULTS = {'mask_outside': False, 'outside_fill': 'mean', 'outside_block': 4}
+_ADDED_DEFAULTS = {
+  'model': {'head': 'flatten', 'centre_size': 0},
+  # What the CNN saw around the specimen (jule3d/specimen.py): patches masked another way are other
+  # inputs. The fill and its block only matter where the outside is masked.
+  'patches': {'mask_outside': False, 'outside_fill': 'mean', 'outside_block': 4},
+}
+
+
+def checkpoint_mismatches(trained: dict, config) -> list[tuple[str, object, object]]:
+  """The fields where a checkpoint's training config and this config disagree on the features.
+
+  Args:
+    trained: the checkpoint's config (a dict, as stored in its metadata).
+    config: this run's config.
+
+  Returns:
+    (field, checkpoint's value, this config's value) for each disagreement, the patch edge first.
+  """
+  had = {s: {**_ADDED_DEFAULTS[s], **trained[s]} for s in ('model', 'patches')}
+  fields = [('model', f) for f in (*_MODEL_FIELDS, *_ADDED_DEFAULTS['model'])]
+  fields.insert(0, ('patches', 'patch_size'))
+  masked = had['patches']['mask_outside']
+  fields += [('patches', f) for f in (_ADDED_DEFAULTS['patches'] if masked else ['mask_outside'])]
+  return [
+    (f'{s}.{f}', had[s][f], config[s][f])
+    for s, f in fields
+    if _norm(had[s][f]) != _norm(config[s][f])
+  ]
 
 
 def load_model(config, workdir: str):
@@ -70,23 +95,7 @@ def load_model(config, workdir: str):
 
   def load(step: int):
     trained = checkpoint.read_meta(mgr, step)['config']
-    had = {**_MODEL_DEFAULTS, **trained['model']}
-    mismatches = [
-      (f'model.{f}', had[f], config.model[f])
-      for f in (*_MODEL_FIELDS, *_MODEL_DEFAULTS)
-      if _norm(had[f]) != _norm(config.model[f])
-    ]
-    had_p = {**_MASK_DEFAULTS, **trained['patches']}
-    masking = ('mask_outside', 'outside_fill', 'outside_block') if had_p['mask_outside'] else ()
-    mismatches += [
-      (f'patches.{f}', had_p[f], config.patches[f])
-      for f in masking or ('mask_outside',)
-      if _norm(had_p[f]) != _norm(config.patches[f])
-    ]
-    if trained['patches']['patch_size'] != config.patches.patch_size:
-      mismatches.insert(
-        0, ('patches.patch_size', trained['patches']['patch_size'], config.patches.patch_size)
-      )
+    mismatches = checkpoint_mismatches(trained, config)
     if mismatches:
       field, was, now = mismatches[0]
       raise UserError(

@@ -38,7 +38,9 @@ def index_table(w: int) -> np.ndarray:
       t = np.transpose(ids, order)
       t = np.flip(t, [a for a in range(3) if flips[a]]) if any(flips) else t
       rows.append(t.reshape(-1))
-  return np.stack(rows)
+  table = np.stack(rows)
+  table.setflags(write=False)  # cached: shared by every caller
+  return table
 
 
 def apply(patches: jax.Array, which: jax.Array) -> jax.Array:

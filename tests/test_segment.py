@@ -83,6 +83,29 @@ def test_checkpoint_trained_on_other_masking_names_the_field(smoke_run, tmp_path
   assert proc.returncode == 2 and field in proc.stderr, proc.stderr
 
 
+def test_the_masking_check_lets_through_what_gives_the_same_features():
+  from configs import smoke
+
+  c = smoke.get_config()
+  trained = c.to_dict()
+  assert segment.checkpoint_mismatches(trained, c) == []
+  # Trained without masking: the fill and its block never reached a patch.
+  c.patches.mask_outside = trained['patches']['mask_outside'] = False
+  c.patches.outside_fill, c.patches.outside_block = 'mean', 2
+  assert segment.checkpoint_mismatches(trained, c) == []
+  # A checkpoint older than the masking fields was trained unmasked; one older than the head too.
+  for f in ('mask_outside', 'outside_fill', 'outside_block'):
+    del trained['patches'][f]
+  del trained['model']['head']
+  c.model.head = 'flatten'
+  assert segment.checkpoint_mismatches(trained, c) == []
+  c.patches.mask_outside = True
+  assert segment.checkpoint_mismatches(trained, c) == [('patches.mask_outside', False, True)]
+  c.patches.patch_size, c.model.head = 13, 'mean'
+  got = segment.checkpoint_mismatches(trained, c)
+  assert [f for f, _, _ in got] == ['patches.patch_size', 'model.head', 'patches.mask_outside']
+
+
 def test_no_checkpoint_and_too_many_segments(smoke_run, tmp_path):
   proc = run_cli('--config=configs/smoke.py', f'--workdir={tmp_path}', '--mode=segment')
   assert proc.returncode == 2 and 'no checkpoint' in proc.stderr

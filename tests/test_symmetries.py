@@ -6,7 +6,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import demo
 from jule3d import model, objective, symmetries
@@ -43,8 +42,7 @@ def test_apply_transforms_each_patch_by_its_own_symmetry():
   assert not np.array_equal(got[5], x[5])
 
 
-@pytest.mark.parametrize('augment', ['none', 'symmetries'])
-def test_train_step_draws_symmetries_only_when_asked_and_is_deterministic(augment):
+def test_train_step_draws_symmetries_only_when_asked_and_is_deterministic():
   c = demo.get_config()
   c.patches.patch_size = 15
   c.model.conv_features, c.model.hidden_dim, c.model.embed_dim = (4, 4, 4), 8, 4
@@ -64,9 +62,9 @@ def test_train_step_draws_symmetries_only_when_asked_and_is_deterministic(augmen
     state = objective.create_train_state(net, tx, jax.random.PRNGKey(3), 15)
     return float(step(state, batch)[1]['loss'])
 
-  assert loss(augment) == loss(augment)
-  if augment == 'symmetries':
-    assert loss('symmetries') != loss('none')
+  # The same draw from the same state and step (resumable), and a different loss than without.
+  assert loss('symmetries') == loss('symmetries')
+  assert loss('symmetries') != loss('none')
 
 
 def test_runs_trained_before_the_option_existed_keep_their_fingerprint():
