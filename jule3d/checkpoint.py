@@ -71,7 +71,7 @@ def fingerprint(config_dict: dict[str, Any], data: str | None = None) -> str:
         k: v
         for k, v in value.items()
         if (section, k) not in _FINGERPRINT_IGNORED
-        and ((section, k) not in _FINGERPRINT_ADDED or v != _FINGERPRINT_ADDED[section, k])
+        and not ((section, k) in _FINGERPRINT_ADDED and v == _FINGERPRINT_ADDED[section, k])
       }
     picked[section] = value
   if data is not None:

@@ -346,8 +346,8 @@ def _grid_features(inputs, workdir, net, variables, meta, centres, path: str):
       slab_depth=s,
     )
 
-  key = f'{meta["fingerprint"]}-{meta["history"]["periods"][-1]["period"]}-{w}-{s}-{len(centres)}'
-  key += '-hidden' if net.output == 'hidden' else ''
+  period = meta['history']['periods'][-1]['period']
+  key = f'{meta["fingerprint"]}-{period}-{w}-{s}-{len(centres)}-{net.output}'
   blocks = dense.block_planes(net, w, s, inputs.image.shape) if path == 'dense' else 1
   per_part = grid.part_planes(c.segment.part_planes, w, s, blocks)
   progress = os.path.join(workdir, SEGMENT_PROGRESS)
