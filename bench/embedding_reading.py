@@ -10,7 +10,11 @@ and the reference labels, on 100,000 random annotated grid patches, and prints:
   - k-means (K = 3) on the features (as the pipeline runs it) and on the intensity: NMI and the groups' shares, beside the
     reference classes' shares (k-means on a rank-like axis cuts it into near-equal thirds);
   - a linear probe (logistic regression trained on half the patches, scored on the other half):
-    how much of the reference the features hold at all, against the intensity's.
+    how much of the reference the features hold at all, against the intensity's;
+  - the best grouping of C clusters (C = cluster.num_clusters, k-means on the features, as many
+    as JULE's final clusters): each cluster given its most frequent reference class. No reading
+    that groups the learned clusters into segments can score more; beside it the same for C
+    k-means clusters of the intensity (about the best thresholds of it).
 
   python launch.py --config=configs/mni152.py --workdir=runs/mni152 --config.segment.save_features=True
   python bench/embedding_reading.py --data=mni152 --workdir=runs/mni152
@@ -37,6 +41,14 @@ SAMPLE = 100_000
 def _shares(labels: np.ndarray) -> str:
   counts = np.bincount(labels)
   return ' / '.join(f'{v:.2f}' for v in counts[counts > 0] / len(labels))
+
+
+def best_grouping(truth: np.ndarray, z: np.ndarray, clusters: int) -> float:
+  """NMI of `clusters` k-means clusters of z, each labelled with its most frequent true class."""
+  km = KMeans(clusters, n_init=3, random_state=0).fit_predict(z)
+  table = np.zeros((clusters, truth.max() + 1), np.int64)
+  np.add.at(table, (km, truth), 1)
+  return patch_nmi(truth, table.argmax(1)[km])
 
 
 def main(argv=None) -> int:
@@ -80,6 +92,9 @@ def main(argv=None) -> int:
   for name, z in (('features', descriptors.standardise(f)), ('intensity', x[:, None])):
     probe = LogisticRegression(max_iter=2000).fit(z[:half], t[:half])
     print(f'linear probe on the {name}: NMI {patch_nmi(t[half:], probe.predict(z[half:])):.3f}')
+  c = cfg.cluster.num_clusters
+  for name, z in (('features', f), ('intensity', x[:, None])):
+    print(f'best grouping of {c} k-means clusters of the {name}: NMI {best_grouping(t, z, c):.3f}')
   return 0
 
 
