@@ -20,7 +20,9 @@ of the baselines from each report.json, so every figure is measured exactly as a
 Variants that change only phase 2 segment with the recommended run's checkpoint
 (`--config.segment.checkpoint`; training is identical), and every run reuses the recommended run's
 baselines (same image, K and seed). Results accumulate in
-WORKDIR/results.json: rerunning skips what is already there (use --fresh to start over).
+WORKDIR/results.json: rerunning skips what is already there (use --fresh to start over). The runs
+share JAX's persistent compilation cache in WORKDIR/jax_cache (the same programs compile once for
+every seed and variant; `--no-compile-cache` compiles each run afresh).
 
   python bench/quality.py --write                        # everything (make quality)
   python bench/quality.py --data=demo --seeds=0 --variants=recommended,paper
