@@ -14,7 +14,10 @@ and the reference labels, on 100,000 random annotated grid patches, and prints:
   - the best grouping of C clusters (C = cluster.num_clusters, k-means on the features, as many
     as JULE's final clusters): each cluster given its most frequent reference class. No reading
     that groups the learned clusters into segments can score more; beside it the same for C
-    k-means clusters of the intensity (about the best thresholds of it).
+    k-means clusters of the intensity (about the best thresholds of it);
+  - one reading that groups them without labels, by where they lie: a normalised cut (spectral
+    clustering, K groups) of the C clusters' contact graph (how often two clusters are
+    6-neighbours on the grid), clusters that interleave in space being one segment.
 
   python launch.py --config=configs/mni152.py --workdir=runs/mni152 --config.segment.save_features=True
   python bench/embedding_reading.py --data=mni152 --workdir=runs/mni152
@@ -25,7 +28,7 @@ import os
 import sys
 
 import numpy as np
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,6 +52,26 @@ def best_grouping(truth: np.ndarray, z: np.ndarray, clusters: int) -> float:
   table = np.zeros((clusters, truth.max() + 1), np.int64)
   np.add.at(table, (km, truth), 1)
   return patch_nmi(truth, table.argmax(1)[km])
+
+
+def contact_grouping(centres: np.ndarray, z: np.ndarray, clusters: int, k: int) -> np.ndarray:
+  """Every grid patch's group: C k-means clusters of z, cut into k by their grid contacts."""
+  rng = np.random.default_rng(0)
+  fit = z[rng.choice(len(z), min(len(z), 200_000), replace=False)]
+  km = KMeans(clusters, n_init=3, random_state=0).fit(fit).predict(z)
+  step = [np.diff(np.unique(col)).min(initial=1) for col in centres.T]  # the grid's stride
+  at = (centres - centres.min(0)) // np.asarray(step)
+  grid = np.full(at.max(0) + 1, -1, np.int64)
+  grid[tuple(at.T)] = km
+  contacts = np.zeros((clusters, clusters))
+  for axis in range(3):
+    g = np.moveaxis(grid, axis, 0)
+    p, q = g[:-1].ravel(), g[1:].ravel()
+    both = (p >= 0) & (q >= 0)
+    np.add.at(contacts, (p[both], q[both]), 1)
+    np.add.at(contacts, (q[both], p[both]), 1)
+  cut = SpectralClustering(k, affinity='precomputed', assign_labels='cluster_qr', random_state=0)
+  return cut.fit_predict(contacts)[km]
 
 
 def main(argv=None) -> int:
@@ -95,6 +118,13 @@ def main(argv=None) -> int:
   c = cfg.cluster.num_clusters
   for name, z in (('features', f), ('intensity', x[:, None])):
     print(f'best grouping of {c} k-means clusters of the {name}: NMI {best_grouping(t, z, c):.3f}')
+  every = np.flatnonzero(truth > 0)
+  for name, z in (('features', feats.astype(np.float64)), ('intensity', level[:, None])):
+    groups = contact_grouping(centres, z, c, 3)[every]
+    print(
+      f'{c} k-means clusters of the {name} cut into 3 by their grid contacts: '
+      f'NMI {patch_nmi(truth[every], groups):.3f}, shares {_shares(groups)}'
+    )
   return 0
 
 

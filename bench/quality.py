@@ -152,6 +152,7 @@ def _run(data: str, seed: int, variant: str, root: str, cache: bool = True) -> d
     'nmi': rep['nmi'],
     'uncovered': rep['uncovered_fraction'].get('jule3d'),
     'wall_s': round(wall, 1),
+    'compile_cache': cache,
     'command': ' && '.join(' '.join(c[1:]).replace(ROOT + '/', '') for c in steps),
   }
 
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
   os.makedirs(a.workdir, exist_ok=True)
   store = os.path.join(a.workdir, 'results.json')
   results = {} if a.fresh or not os.path.exists(store) else json.load(open(store))
-  t0 = time.time()
+  t0, ran = time.time(), 0
   for d in data:
     for s in seeds:
       for v in variants:
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
         if key in results:
           continue
         results[key] = _run(d, s, v, a.workdir, a.cache)
+        ran += 1
         print(f'{key}: jule3d {results[key]["nmi"]["jule3d"]:.3f} ({results[key]["wall_s"]:.0f} s)',
               flush=True)  # fmt: skip
         with open(store + '.tmp', 'w') as f:
@@ -229,8 +231,10 @@ def main(argv=None) -> int:
     'NMI (geometric, annotated voxels) of the whole CLI per data set, seed and variant '
     '(bench/quality.py docstring); baselines from the same runs.',
     f'Wall time of the {sum(k in results for k in keys)} runs of this table: {runs_s / 60:.0f} min '
-    f'(this invocation: {wall / 60:.1f} min; runs already in '
-    f'{os.path.relpath(store, ROOT)} are not repeated).',
+    f'(this invocation ran {ran} of them in {wall / 60:.1f} min; runs already in '
+    f'{os.path.relpath(store, ROOT)} are not repeated). '
+    f'{sum(results[k].get("compile_cache", False) for k in keys if k in results)} of them shared '
+    "JAX's persistent compilation cache (WORKDIR/jax_cache).",
   ]
   carried = {}  # reason -> the variants carried over for it
   for k in keys:
