@@ -17,10 +17,10 @@ of the baselines from each report.json, so every figure is measured exactly as a
              hidden_layer, augment: options measured and left off (segment.layer = 'hidden',
                          train.augment = 'symmetries'; README "Honest reading")
 
-Variants that change only phase 2 segment with the recommended run's checkpoint
-(`--config.segment.checkpoint`; training is identical), and every run reuses the recommended run's
-baselines (same image, K and seed). Results accumulate in
-WORKDIR/results.json: rerunning skips what is already there (use --fresh to start over). The runs
+Variants that change only phase 2 segment with the recommended run's checkpoint in one
+`--mode=all` process (`--config.segment.checkpoint`: nothing is trained; training is identical),
+and every run reuses the recommended run's baselines (same image, K and seed). Results accumulate
+in WORKDIR/results.json: rerunning skips what is already there (use --fresh to start over). The runs
 share JAX's persistent compilation cache in WORKDIR/jax_cache (the same programs compile once for
 every seed and variant; `--no-compile-cache` compiles each run afresh).
 
@@ -136,15 +136,12 @@ def _run(data: str, seed: int, variant: str, root: str, cache: bool = True) -> d
     sys.executable, os.path.join(ROOT, 'launch.py'), f'--config={config}' + (f':{arg}' if arg else ''),
     f'--workdir={workdir}', f'--config.seed={seed}', *data_flags, *flags,
   ]  # fmt: skip
-  # Phase-2 variants segment with the recommended run's checkpoint (same training), then evaluate.
-  steps = [cmd] if trains else [
-    [*cmd, '--mode=segment', f'--config.segment.checkpoint={reference}'], [*cmd, '--mode=evaluate']
-  ]  # fmt: skip
+  if not trains:  # `--mode=all` segments with the recommended run's model (same training)
+    cmd.append(f'--config.segment.checkpoint={reference}')
   t0 = time.time()
-  for step in steps:
-    proc = subprocess.run(step, cwd=ROOT, env=_env(root, cache), capture_output=True, text=True)
-    if proc.returncode != 0:
-      raise SystemExit(f'{" ".join(step)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(root, cache), capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise SystemExit(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
   wall = time.time() - t0
   with open(os.path.join(workdir, 'report.json')) as f:
     rep = json.load(f)
@@ -153,7 +150,7 @@ def _run(data: str, seed: int, variant: str, root: str, cache: bool = True) -> d
     'uncovered': rep['uncovered_fraction'].get('jule3d'),
     'wall_s': round(wall, 1),
     'compile_cache': cache,
-    'command': ' && '.join(' '.join(c[1:]).replace(ROOT + '/', '') for c in steps),
+    'command': ' '.join(cmd[1:]).replace(ROOT + '/', ''),
   }
 
 

@@ -309,8 +309,9 @@ def run(
   Args:
     config: the run config.
     workdir: the run's directory.
-    mode: 'all' (train -> segment -> evaluate: the report, scored when labels are configured),
-      'train', 'segment' or 'evaluate'.
+    mode: 'all' (train -> segment -> evaluate: the report, scored when labels are configured;
+      with config.segment.checkpoint, segment -> evaluate with that run's model), 'train',
+      'segment' or 'evaluate'.
     overwrite: replace existing outputs instead of refusing.
   """
   if mode not in MODES:
@@ -329,12 +330,20 @@ def run(
 
 def _run(config, workdir: str, mode: str, overwrite: bool, created: bool | None):
   primary = sharding.is_primary()
+  # With another run's model named (segment.checkpoint), 'all' segments with it and reports: a model
+  # trained here would never be used.
+  trains = mode == 'train' or (mode == 'all' and not config.segment.checkpoint)
+  if mode == 'all' and not trains:
+    logging.info(
+      'config.segment.checkpoint = %r: segmenting with that model, nothing is trained here',
+      config.segment.checkpoint,
+    )
 
   def resolve():
     return resolve_inputs(
       config,
       workdir,
-      for_training=mode in ('all', 'train'),
+      for_training=trains,
       for_segmenting=mode in ('all', 'segment'),
       created=created,
       validated=True,  # run() did, before starting the processes
@@ -350,7 +359,7 @@ def _run(config, workdir: str, mode: str, overwrite: bool, created: bool | None)
   sharding.barrier('jule3d-inputs')
   if not primary:
     inputs = resolve()
-  if mode in ('all', 'train'):
+  if trains:
     from jule3d import train
 
     with _timed(workdir, 'train'):

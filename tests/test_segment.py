@@ -51,6 +51,23 @@ def test_segment_another_volume_with_this_runs_checkpoint(smoke_run, tmp_path):
   assert not os.path.exists(os.path.join(work, 'checkpoints'))
 
 
+def test_mode_all_with_another_runs_checkpoint_trains_nothing(smoke_run, tmp_path):
+  # --mode=all with segment.checkpoint segments with that model and reports: no model of its own.
+  work = str(tmp_path / 'reuse')
+  run_cli(
+    '--config=configs/smoke.py', f'--workdir={work}', f'--config.segment.checkpoint={smoke_run}',
+    check=True,
+  )  # fmt: skip
+  assert not os.path.exists(os.path.join(work, 'checkpoints'))
+  assert os.path.exists(os.path.join(work, 'report.json'))
+  ours, theirs = (
+    volume.open_volume(os.path.join(w, segment.SEGMENTATION)) for w in (work, smoke_run)
+  )
+  np.testing.assert_array_equal(
+    ours.read((0, 0, 0), ours.shape), theirs.read((0, 0, 0), ours.shape)
+  )
+
+
 def test_mismatched_model_names_the_field(smoke_run, tmp_path):
   proc = run_cli(
     '--config=configs/smoke.py',
