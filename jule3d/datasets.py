@@ -57,6 +57,16 @@ def mni152_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
   return labels
 
 
+def mni152_files() -> dict[str, str]:
+  """Paths of the template's raw T1 and GM/WM probability maps in nilearn's folder.
+
+  Returns:
+    {'t1': path, 'gm': path, 'wm': path}.
+  """
+  data = nilearn_data_dir()
+  return {k: os.path.join(data, _FILE.format(k)) for k in ('t1', 'gm', 'wm')}
+
+
 def prepare_mni152(outdir: str) -> dict[str, str]:
   """The T1 path (in nilearn's folder, opened as NIfTI) and a labels zarr written once to outdir.
 
@@ -66,8 +76,7 @@ def prepare_mni152(outdir: str) -> dict[str, str]:
   Returns:
     {'image': T1 .nii.gz path, 'labels': labels.zarr path}.
   """
-  data = nilearn_data_dir()
-  paths = {k: os.path.join(data, _FILE.format(k)) for k in ('t1', 'gm', 'wm')}
+  paths = mni152_files()
   labels_path = os.path.join(outdir, 'labels.zarr')
   if not os.path.isdir(labels_path):
     os.makedirs(outdir, exist_ok=True)

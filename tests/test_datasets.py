@@ -18,3 +18,11 @@ def test_negative_csf_is_clipped():
   gm = np.array([200, 130], np.uint8)
   wm = np.array([200, 130], np.uint8)  # gm + wm > 255: csf would be negative
   np.testing.assert_array_equal(datasets.mni152_labels(t1, gm, wm), [2, 2])
+
+
+def test_mni152_files_are_the_template_and_its_maps(monkeypatch):
+  monkeypatch.setattr(datasets, 'nilearn_data_dir', lambda: '/d')
+  files = datasets.mni152_files()
+  assert sorted(files) == ['gm', 't1', 'wm']
+  assert files['t1'] == '/d/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz'
+  assert files['gm'].endswith('_gm_tal_nlin_sym_09a_converted.nii.gz')
