@@ -287,6 +287,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
     'threshold': summary['threshold'],
     'coverage': summary['coverage'],
     'segments': {m: summary['segments'].get(m) for m in METHODS},
+    'groups': _groups(seg),
     'timing_s': {'train': timings.get('train'), 'segment': timings.get('segment'), **timings},
     'volume': _volume_record(inputs, img, seg),
     'baselines': computed,
@@ -315,6 +316,13 @@ def _open_segmentation(inputs, workdir: str, img):
         'must match the image voxel for voxel (was the segmentation made from another image?).'
       )
   return seg
+
+
+def _groups(seg) -> dict | None:
+  """segment.group_structure as the segmentation keeps it (None: written before it existed)."""
+  attrs = _read_json(os.path.join(os.path.abspath(seg.path), '.zattrs'))
+  groups = attrs.get('groups') if isinstance(attrs, dict) else None
+  return groups if isinstance(groups, dict) else None
 
 
 def _volume_record(inputs, img, seg) -> dict:

@@ -60,6 +60,26 @@ def _segment_lines(segments: dict) -> list[str]:
   ]
 
 
+def _groups_lines(groups) -> list[str]:
+  if not isinstance(groups, dict):
+    return []
+  k = groups['k']
+  verdict = (
+    f'the features hold {k} distinct groups'
+    if groups['distinct']
+    else f'**the features hold fewer than {k} distinct groups**: segments cut through one (or '
+    'merge two); check the slices, and another `--config.seed` may separate them'
+  )
+  return [
+    '## Do the features hold K groups? (no reference needed)',
+    '',
+    f"k-means leaves {groups['unexplained_k']:.3f} of the learned features' variance with K = {k} "
+    f'segments and {groups["unexplained_k_minus_1"]:.3f} with {k - 1}: ratio {groups["ratio"]:.2f}, '
+    f'where one continuum without groups gives {groups["continuum_ratio"]:.2f}. So {verdict}.',
+    '',
+  ]
+
+
 def _score_lines(rep: dict) -> list[str]:
   lines = ['## Scores on annotated voxels', '']
   nmis = {m: s for m, s in rep['nmi'].items() if s is not None}
@@ -159,6 +179,7 @@ def markdown(rep: dict) -> str:
   if scored:
     lines += _score_lines(rep)
   lines += _segment_lines(rep.get('segments'))
+  lines += _groups_lines(rep.get('groups'))
   figs = rep.get('figures') or {}
   errors = rep.get('figures_error') or {}
   lines += ['## Slices', '']

@@ -157,6 +157,57 @@ def kmeans_labels(
   return out, dist
 
 
+# group_structure: a ratio W(K) / W(K - 1) above this share of the continuum's ((K - 1) / K)^2 says
+# the features hold fewer than K distinct groups (README "Honest reading": 0.21-0.27 in the phantom
+# runs that separate its three regions, 0.44-0.52 in those that merge two of them and on MNI152).
+_DISTINCT_SHARE = 0.75
+
+
+def group_structure(features: np.ndarray, dist: np.ndarray, seed: int, restarts: int, max_fit: int):
+  """Whether k-means' K segments are K groups of the features or cuts through fewer (no labels).
+
+  W(k) is the variance k-means with k clusters leaves, as a share of the features' total. When the
+  features hold K distinct groups, the K-th cluster removes most of what K - 1 leave: W(K) / W(K - 1)
+  is small. Where they form one continuum (a segment boundary cuts through it) or hold fewer groups
+  (a cluster splits one of them), the ratio is near what a uniform 1-D continuum gives,
+  ((K - 1) / K)^2 (0.44 for K = 3).
+
+  Args:
+    features: [M, D] the grid features k-means segmented.
+    dist: [M, K] their squared distances to the K centroids (kmeans_labels).
+    seed: k-means seed (as for the segments).
+    restarts: n_init.
+    max_fit: fit sample size.
+
+  Returns:
+    {'k', 'unexplained_k', 'unexplained_k_minus_1', 'ratio', 'continuum_ratio', 'distinct'}.
+  """
+  k = dist.shape[1]
+  mean = np.zeros(features.shape[1])
+  for i in range(0, len(features), 65536):
+    mean += features[i : i + 65536].sum(axis=0, dtype=np.float64)
+  mean /= len(features)
+  total = sum(
+    float(np.square(features[i : i + 65536] - mean).sum()) for i in range(0, len(features), 65536)
+  )
+
+  def left(d: np.ndarray) -> float:  # what k-means leaves: each feature's distance to its centroid
+    return float(d.min(axis=1).sum(dtype=np.float64))
+
+  w_k = left(dist)
+  w_k1 = total if k == 2 else left(kmeans_labels(features, k - 1, seed, restarts, max_fit)[1])
+  ratio = w_k / w_k1 if w_k1 > 0 else 1.0
+  continuum = ((k - 1) / k) ** 2
+  return {
+    'k': k,
+    'unexplained_k': round(w_k / total, 4) if total > 0 else 0.0,
+    'unexplained_k_minus_1': round(w_k1 / total, 4) if total > 0 else 0.0,
+    'ratio': round(ratio, 4),
+    'continuum_ratio': round(continuum, 4),
+    'distinct': bool(ratio < _DISTINCT_SHARE * continuum),
+  }
+
+
 def fill_slab(painted: np.ndarray, domain: np.ndarray) -> np.ndarray:
   """Every domain voxel labelled: a 0 inside the domain takes its nearest painted voxel's label.
 
@@ -299,9 +350,9 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   if feats is None:
     return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': jax.process_index()}
   t_feat = time.time() - t0
-  labels = _grid_labels(c, centres, feats)
+  labels, groups = _grid_labels(c, centres, feats)
   t_km = time.time() - t0 - t_feat
-  _write_outputs(inputs, workdir, outputs, centres, labels)
+  _write_outputs(inputs, workdir, outputs, centres, labels, groups)
   if c.segment.save_features:
     with files.atomic_path(os.path.join(workdir, FEATURES), '.npz') as tmp:
       np.savez(tmp, centres=centres, features=feats, labels=labels)
@@ -365,11 +416,30 @@ def _grid_features(inputs, workdir, net, variables, meta, centres, path: str):
   return features.features_by_parts(compute_on, devices, centres, progress, key, per_part, w, s)
 
 
-def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> np.ndarray:
-  """k-means of the grid features, then (segment.smoothing > 0) the Potts step on the grid."""
+def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, dict]:
+  """k-means of the grid features, then (segment.smoothing > 0) the Potts step on the grid.
+
+  Also returns group_structure of the features (logged, and kept with the segmentation).
+  """
   s = c.segment.stride
-  labels, dist = kmeans_labels(
-    feats, c.segment.num_segments, c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit
+  fit = (c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
+  labels, dist = kmeans_labels(feats, c.segment.num_segments, *fit)
+  groups = group_structure(feats, dist, *fit)
+  k = groups['k']
+  logging.log(
+    logging.INFO if groups['distinct'] else logging.WARNING,
+    "k-means leaves %.3f of the features' variance with K = %d, %.3f with %d: ratio %.2f (one "
+    'continuum gives %.2f): %s',
+    groups['unexplained_k'],
+    k,
+    groups['unexplained_k_minus_1'],
+    k - 1,
+    groups['ratio'],
+    groups['continuum_ratio'],
+    f'the features hold {k} distinct groups'
+    if groups['distinct']
+    else f'the features hold fewer than {k} distinct groups, so segments cut through one (or '
+    'merge two): check the slices; another --config.seed may separate them',
   )
   if c.segment.smoothing > 0:
     before = labels
@@ -382,23 +452,28 @@ def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> np.ndarray:
       sweeps,
       100.0 * np.mean(labels != before),
     )
-  return labels
+  return labels, groups
 
 
-def _write_outputs(inputs, workdir: str, outputs, centres: np.ndarray, labels: np.ndarray) -> None:
-  """Paints the labels and writes segmentation.zarr, then its NIfTI and NRRD copies."""
+def _write_outputs(inputs, workdir: str, outputs, centres, labels, groups: dict) -> None:
+  """Paints the labels and writes segmentation.zarr (`groups` among its attributes), then its NIfTI
+  and NRRD copies."""
   out_zarr, out_nii, out_nrrd = outputs
   c, img, out = inputs.config, inputs.image, inputs.input_volume
   s, chunk = c.segment.stride, c.data.cache_chunk
   if inputs.grid is None:
-    with volume.zarr_writer(out_zarr, img.shape, np.uint8, img.spacing, img.affine, chunk) as store:
+    with volume.zarr_writer(
+      out_zarr, img.shape, np.uint8, img.spacing, img.affine, chunk, groups=groups
+    ) as store:
       write_labels(store, inputs, centres, labels, s)
   else:  # painted on the working grid, then written back onto the input's (jule3d/working.py)
     on_grid = os.path.join(workdir, SEGMENT_PROGRESS, 'working-segmentation.zarr')
     os.makedirs(os.path.dirname(on_grid), exist_ok=True)
     with volume.zarr_writer(on_grid, img.shape, np.uint8, img.spacing, img.affine, chunk) as store:
       write_labels(store, inputs, centres, labels, s)
-    with volume.zarr_writer(out_zarr, out.shape, np.uint8, out.spacing, out.affine, chunk) as store:
+    with volume.zarr_writer(
+      out_zarr, out.shape, np.uint8, out.spacing, out.affine, chunk, groups=groups
+    ) as store:
       write_back(store, volume.open_volume(on_grid, name='working segmentation'), inputs)
   seg = volume.open_volume(out_zarr, name='segmentation')
   volume.write_nifti(out_nii, seg, out.spacing, out.affine)

@@ -8,7 +8,7 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from configs import base
-from jule3d import checks, evaluate, figures, foreground, pipeline, scores, volume
+from jule3d import checks, evaluate, figures, foreground, pipeline, report, scores, volume
 from jule3d.errors import UserError
 
 SHAPE = (12, 10, 14)
@@ -320,3 +320,14 @@ def test_coverage_counts_the_specimen_domain_slab_by_slab(tmp_path):
   assert out['coverage']['labelled_voxels'] == int((dom & (seg > 0)).sum())
   assert out['coverage']['labelled_fraction'] < 1.0
   assert out['threshold']['foreground_voxels'] == int((image >= 500).sum())
+
+
+def test_groups_section_says_whether_the_features_hold_k_groups():
+  groups = {'k': 3, 'unexplained_k': 0.039, 'unexplained_k_minus_1': 0.075, 'ratio': 0.52}
+  groups['continuum_ratio'] = 0.4444
+  merged = '\n'.join(report._groups_lines({**groups, 'distinct': False}))
+  assert 'ratio 0.52' in merged and 'gives 0.44' in merged
+  assert 'fewer than 3 distinct groups' in merged and '--config.seed' in merged
+  held = '\n'.join(report._groups_lines({**groups, 'ratio': 0.23, 'distinct': True}))
+  assert 'hold 3 distinct groups' in held and 'fewer' not in held
+  assert report._groups_lines(None) == []  # a segmentation written before the check
