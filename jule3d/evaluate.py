@@ -61,6 +61,12 @@ def _read_json(path: str):
     return None
 
 
+def _zattrs(vol) -> dict:
+  # A zarr volume's attributes (zarr v2 .zattrs); {} for other formats or an unreadable file.
+  attrs = _read_json(os.path.join(os.path.abspath(vol.path), '.zattrs'))
+  return attrs if isinstance(attrs, dict) else {}
+
+
 def class_names(labels) -> dict[int, str]:
   """Reference class names, where the labels carry them; callers fall back to 'class N'.
 
@@ -74,8 +80,7 @@ def class_names(labels) -> dict[int, str]:
     class -> name (empty when unknown).
   """
   path = os.path.abspath(labels.path)
-  attrs = _read_json(os.path.join(path, '.zattrs'))
-  names = attrs.get('label_names') if isinstance(attrs, dict) else None
+  names = _zattrs(labels).get('label_names')
   if not isinstance(names, dict):
     meta = _read_json(os.path.join(os.path.dirname(path), 'phantom.json'))
     names = meta.get('labels') if isinstance(meta, dict) else None
@@ -320,8 +325,7 @@ def _open_segmentation(inputs, workdir: str, img):
 
 def _groups(seg) -> dict | None:
   """segment.group_structure as the segmentation keeps it (None: written before it existed)."""
-  attrs = _read_json(os.path.join(os.path.abspath(seg.path), '.zattrs'))
-  groups = attrs.get('groups') if isinstance(attrs, dict) else None
+  groups = _zattrs(seg).get('groups')
   return groups if isinstance(groups, dict) else None
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 
 from jule3d.figures import CAPTION, CAPTION_NO_REFERENCE, TITLES
+from jule3d.segment import group_verdict
 
 
 def _num(v, fmt: str = '.3f') -> str:
@@ -64,18 +65,13 @@ def _groups_lines(groups) -> list[str]:
   if not isinstance(groups, dict):
     return []
   k = groups['k']
-  verdict = (
-    f'the features hold {k} distinct groups'
-    if groups['distinct']
-    else f'**the features hold fewer than {k} distinct groups**: segments cut through one (or '
-    'merge two); check the slices, and another `--config.seed` may separate them'
-  )
   return [
     '## Do the features hold K groups? (no reference needed)',
     '',
     f"k-means leaves {groups['unexplained_k']:.3f} of the learned features' variance with K = {k} "
     f'segments and {groups["unexplained_k_minus_1"]:.3f} with {k - 1}: ratio {groups["ratio"]:.2f}, '
-    f'where one continuum without groups gives {groups["continuum_ratio"]:.2f}. So {verdict}.',
+    f'where one continuum without groups gives {groups["continuum_ratio"]:.2f}. So '
+    f'{group_verdict(groups)}.',
     '',
   ]
 

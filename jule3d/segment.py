@@ -208,6 +208,17 @@ def group_structure(features: np.ndarray, dist: np.ndarray, seed: int, restarts:
   }
 
 
+def group_verdict(groups: dict) -> str:
+  """group_structure's finding in words (the log line and report.md)."""
+  k = groups['k']
+  if groups['distinct']:
+    return f'the features hold {k} distinct groups'
+  return (
+    f'the features hold fewer than {k} distinct groups: segments cut through one (or merge two); '
+    'check the slices, and another --config.seed may separate them'
+  )
+
+
 def fill_slab(painted: np.ndarray, domain: np.ndarray) -> np.ndarray:
   """Every domain voxel labelled: a 0 inside the domain takes its nearest painted voxel's label.
 
@@ -436,10 +447,7 @@ def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray,
     k - 1,
     groups['ratio'],
     groups['continuum_ratio'],
-    f'the features hold {k} distinct groups'
-    if groups['distinct']
-    else f'the features hold fewer than {k} distinct groups, so segments cut through one (or '
-    'merge two): check the slices; another --config.seed may separate them',
+    group_verdict(groups),
   )
   if c.segment.smoothing > 0:
     before = labels
