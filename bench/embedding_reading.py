@@ -34,7 +34,7 @@ from sklearn.linear_model import LogisticRegression
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo, mni152  # noqa: E402
-from jule3d import descriptors, pipeline, segment  # noqa: E402
+from jule3d import descriptors, groups, pipeline  # noqa: E402
 from jule3d.train import patch_nmi  # noqa: E402
 from jule3d.workdir import FEATURES  # noqa: E402
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     f'first axis vs the centre intensity: |corr| {abs(np.corrcoef(pc1, x)[0, 1]):.3f}, '
     f'vs its rank {abs(np.corrcoef(pc1, rank)[0, 1]):.3f}'
   )
-  km_f = segment.kmeans_labels(f.astype(np.float32), 3, 0, 5, SAMPLE)[
+  km_f = groups.kmeans_labels(f.astype(np.float32), 3, 0, 5, SAMPLE)[
     0
   ]  # as the pipeline reads them
   km_x = KMeans(3, n_init=5, random_state=0).fit(x[:, None]).labels_
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
     print(f'best grouping of {c} k-means clusters of the {name}: NMI {best_grouping(t, z, c):.3f}')
   every = np.flatnonzero(truth > 0)
   for name, z in (('features', feats.astype(np.float64)), ('intensity', level[:, None])):
-    groups = contact_grouping(centres, z, c, 3)[every]
+    cut = contact_grouping(centres, z, c, 3)[every]
     print(
       f'{c} k-means clusters of the {name} cut into 3 by their grid contacts: '
-      f'NMI {patch_nmi(truth[every], groups):.3f}, shares {_shares(groups)}'
+      f'NMI {patch_nmi(truth[every], cut):.3f}, shares {_shares(cut)}'
     )
   return 0
 

@@ -9,8 +9,8 @@ of the baselines from each report.json, so every figure is measured exactly as a
   variants   recommended the shipped configs (configs/base.py RECOMMENDED)
              paper       ':paper', the paper's method as it is
              mean_fill, no_mask, no_domain, raw_init, texture_init, flatten_head, no_centre,
-                         no_smoothing, no_fill, no_envelope: one extension of the recommended method
-                         off (the ablation)
+                         no_smoothing, no_fill, no_envelope, one_try: one extension of the
+                         recommended method off (the ablation)
              intensity_only, descriptor_only: the same pipeline with the CNN features replaced by
                          the centre voxel's intensity or the period-0 descriptor (the cue the rule
                          picks: what the method adds by hand; smoothing and fill stay on)
@@ -99,6 +99,12 @@ VARIANTS = {
     "masking fills the specimen's mean, not its mirror image",
   ),
   'no_mask': ('', ['--config.patches.mask_outside=False'], True, 'no specimen masking'),
+  'one_try': (
+    '',
+    ['--config.train.tries=1'],
+    True,
+    'one training, whether or not its features hold K groups',
+  ),
   'augment': (
     '',
     ['--config.train.augment=symmetries'],

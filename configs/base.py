@@ -128,6 +128,11 @@ def get_config() -> ml_collections.ConfigDict:
   # "Honest reading": with 2-3 epochs per period two demo seeds of three fall apart).
   c.train.augment = 'none'
   c.train.keep_checkpoints = 3  # Checkpoints kept under WORKDIR/checkpoints (older ones pruned).
+  # Extension: trainings run at most. When the trained features of the training patches do not
+  # hold segment.num_segments distinct groups (jule3d/groups.py), train again from scratch with
+  # another seed, up to this many times, and keep the try whose features come closest (lowest
+  # ratio; jule3d/train.py). 1 = one training (the paper).
+  c.train.tries = 1
 
   # --- Phase 2: segmentation (method §5) ----------------------------------------------------------
   c.segment = ml_collections.ConfigDict()
@@ -196,6 +201,7 @@ RECOMMENDED = {
   'cluster.initial_features': 'cue',
   'model.head': 'mean',
   'model.centre_size': 1,
+  'train.tries': 3,
   'segment.smoothing': 1.0,
   'segment.fill': True,
   'segment.fill_envelope': True,

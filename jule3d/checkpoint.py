@@ -40,6 +40,7 @@ FINGERPRINT_SECTIONS = ('seed', 'data', 'patches', 'model', 'cluster', 'train')
 # Fields that change neither the trained model nor its features: a run resumes across them.
 _FINGERPRINT_IGNORED = {
   ('train', 'keep_checkpoints'),
+  ('train', 'tries'),  # each try is a training of its own (jule3d/train.py)
   ('data', 'labels'),
   ('data', 'cache_chunk'),
   ('model', 'feature_batch_size'),

@@ -204,6 +204,7 @@ def _check_train(c: ml_collections.ConfigDict) -> None:
   _int_at_least(c, 'train.batch_size', 2)
   _int_at_least(c, 'train.num_neg', 1)
   _int_at_least(c, 'train.keep_checkpoints', 1)
+  _int_at_least(c, 'train.tries', 1)
   _require(t.learning_rate > 0, 'train.learning_rate', t.learning_rate, 'a positive number')
   _require(0 <= t.momentum < 1, 'train.momentum', t.momentum, 'a number in [0, 1)')
   _require(t.weight_decay >= 0, 'train.weight_decay', t.weight_decay, 'a number >= 0')

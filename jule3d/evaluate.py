@@ -324,7 +324,7 @@ def _open_segmentation(inputs, workdir: str, img):
 
 
 def _groups(seg) -> dict | None:
-  """segment.group_structure as the segmentation keeps it (None: written before it existed)."""
+  """groups.structure as the segmentation keeps it (None: written before it existed)."""
   groups = _zattrs(seg).get('groups')
   return groups if isinstance(groups, dict) else None
 

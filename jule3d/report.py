@@ -3,7 +3,7 @@
 import numpy as np
 
 from jule3d.figures import CAPTION, CAPTION_NO_REFERENCE, TITLES
-from jule3d.segment import group_verdict
+from jule3d.groups import verdict as group_verdict
 
 
 def _num(v, fmt: str = '.3f') -> str:
@@ -244,6 +244,15 @@ def _phase1(history, figs) -> list[str]:
     lines.append(
       f"NMI of the training patches' clusters vs the reference: {last['nmi_patches']:.3f} after "
       f'learning, {_num(raw)} clustering the raw patches (no learning).'
+    )
+  tries = history.get('tries')
+  if tries:  # train.tries: trained again because the features did not hold K groups
+    ratios = ', '.join(f'{t["ratio"]:.2f} (seed {t["seed"]})' for t in tries)
+    lines.append(
+      f'{len(tries)} trainings (train.tries: another from scratch while the trained features of the '
+      f'training patches did not hold K distinct groups); group ratios {ratios}; kept: try '
+      f'{history["kept"] + 1}, the lowest, whose model is the newest checkpoint in checkpoints/ '
+      '(the others are in tries/).'
     )
   lines.append('')
   if 'training' in figs:

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 from absl import logging
 from scipy import ndimage
-from sklearn.cluster import KMeans
 
 from jule3d import (
   checkpoint,
@@ -23,6 +22,7 @@ from jule3d import (
   features,
   files,
   grid,
+  groups,
   model,
   objective,
   patches,
@@ -120,103 +120,6 @@ def load_model(config, workdir: str):
 
 def _norm(v):
   return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def kmeans_labels(
-  features: np.ndarray,
-  k: int,
-  seed: int,
-  restarts: int,
-  max_fit: int,
-) -> tuple[np.ndarray, np.ndarray]:
-  """k-means (k-means++, several restarts) on at most max_fit seeded samples; predicts all in chunks.
-
-  Args:
-    features: [M, D].
-    k: clusters K.
-    seed: seed.
-    restarts: n_init.
-    max_fit: subsample size for fitting.
-
-  Returns:
-    ([M] uint8 labels in 1..K, [M, K] float32 squared distances to every centroid).
-  """
-  rng = np.random.default_rng([seed, 2])
-  fit = (
-    features
-    if len(features) <= max_fit
-    else features[np.sort(rng.choice(len(features), max_fit, replace=False))]
-  )
-  km = KMeans(n_clusters=k, n_init=restarts, random_state=seed).fit(fit)
-  out = np.empty(len(features), np.uint8)
-  dist = np.empty((len(features), k), np.float32)
-  for i in range(0, len(features), 65536):
-    d = km.transform(features[i : i + 65536])
-    out[i : i + 65536] = np.argmin(d, axis=1) + 1
-    dist[i : i + 65536] = np.square(d)
-  return out, dist
-
-
-# group_structure: a ratio W(K) / W(K - 1) above this share of the continuum's ((K - 1) / K)^2 says
-# the features hold fewer than K distinct groups (README "Honest reading": 0.21-0.27 in the phantom
-# runs that separate its three regions, 0.44-0.52 in those that merge two of them and on MNI152).
-_DISTINCT_SHARE = 0.75
-
-
-def group_structure(features: np.ndarray, dist: np.ndarray, seed: int, restarts: int, max_fit: int):
-  """Whether k-means' K segments are K groups of the features or cuts through fewer (no labels).
-
-  W(k) is the variance k-means with k clusters leaves, as a share of the features' total. When the
-  features hold K distinct groups, the K-th cluster removes most of what K - 1 leave: W(K) / W(K - 1)
-  is small. Where they form one continuum (a segment boundary cuts through it) or hold fewer groups
-  (a cluster splits one of them), the ratio is near what a uniform 1-D continuum gives,
-  ((K - 1) / K)^2 (0.44 for K = 3).
-
-  Args:
-    features: [M, D] the grid features k-means segmented.
-    dist: [M, K] their squared distances to the K centroids (kmeans_labels).
-    seed: k-means seed (as for the segments).
-    restarts: n_init.
-    max_fit: fit sample size.
-
-  Returns:
-    {'k', 'unexplained_k', 'unexplained_k_minus_1', 'ratio', 'continuum_ratio', 'distinct'}.
-  """
-  k = dist.shape[1]
-  mean = np.zeros(features.shape[1])
-  for i in range(0, len(features), 65536):
-    mean += features[i : i + 65536].sum(axis=0, dtype=np.float64)
-  mean /= len(features)
-  total = sum(
-    float(np.square(features[i : i + 65536] - mean).sum()) for i in range(0, len(features), 65536)
-  )
-
-  def left(d: np.ndarray) -> float:  # what k-means leaves: each feature's distance to its centroid
-    return float(d.min(axis=1).sum(dtype=np.float64))
-
-  w_k = left(dist)
-  w_k1 = total if k == 2 else left(kmeans_labels(features, k - 1, seed, restarts, max_fit)[1])
-  ratio = w_k / w_k1 if w_k1 > 0 else 1.0
-  continuum = ((k - 1) / k) ** 2
-  return {
-    'k': k,
-    'unexplained_k': round(w_k / total, 4) if total > 0 else 0.0,
-    'unexplained_k_minus_1': round(w_k1 / total, 4) if total > 0 else 0.0,
-    'ratio': round(ratio, 4),
-    'continuum_ratio': round(continuum, 4),
-    'distinct': bool(ratio < _DISTINCT_SHARE * continuum),
-  }
-
-
-def group_verdict(groups: dict) -> str:
-  """group_structure's finding in words (the log line and report.md)."""
-  k = groups['k']
-  if groups['distinct']:
-    return f'the features hold {k} distinct groups'
-  return (
-    f'the features hold fewer than {k} distinct groups: segments cut through one (or merge two); '
-    'check the slices, and another --config.seed may separate them'
-  )
 
 
 def fill_slab(painted: np.ndarray, domain: np.ndarray) -> np.ndarray:
@@ -361,9 +264,9 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   if feats is None:
     return {'grid_patches': int(len(centres)), 'feature_path': path, 'process': jax.process_index()}
   t_feat = time.time() - t0
-  labels, groups = _grid_labels(c, centres, feats)
+  labels, found = _grid_labels(c, centres, feats)
   t_km = time.time() - t0 - t_feat
-  _write_outputs(inputs, workdir, outputs, centres, labels, groups)
+  _write_outputs(inputs, workdir, outputs, centres, labels, found)
   if c.segment.save_features:
     with files.atomic_path(os.path.join(workdir, FEATURES), '.npz') as tmp:
       np.savez(tmp, centres=centres, features=feats, labels=labels)
@@ -430,25 +333,13 @@ def _grid_features(inputs, workdir, net, variables, meta, centres, path: str):
 def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, dict]:
   """k-means of the grid features, then (segment.smoothing > 0) the Potts step on the grid.
 
-  Also returns group_structure of the features (logged, and kept with the segmentation).
+  Also returns groups.structure of the features (logged, and kept with the segmentation).
   """
   s = c.segment.stride
   fit = (c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
-  labels, dist = kmeans_labels(feats, c.segment.num_segments, *fit)
-  groups = group_structure(feats, dist, *fit)
-  k = groups['k']
-  logging.log(
-    logging.INFO if groups['distinct'] else logging.WARNING,
-    "k-means leaves %.3f of the features' variance with K = %d, %.3f with %d: ratio %.2f (one "
-    'continuum gives %.2f): %s',
-    groups['unexplained_k'],
-    k,
-    groups['unexplained_k_minus_1'],
-    k - 1,
-    groups['ratio'],
-    groups['continuum_ratio'],
-    group_verdict(groups),
-  )
+  labels, dist = groups.kmeans_labels(feats, c.segment.num_segments, *fit)
+  found = groups.structure(feats, dist, *fit)
+  groups.log_structure(found, 'the grid features')
   if c.segment.smoothing > 0:
     before = labels
     labels, sweeps = regularise.potts_icm(
@@ -460,18 +351,18 @@ def _grid_labels(c, centres: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray,
       sweeps,
       100.0 * np.mean(labels != before),
     )
-  return labels, groups
+  return labels, found
 
 
-def _write_outputs(inputs, workdir: str, outputs, centres, labels, groups: dict) -> None:
-  """Paints the labels and writes segmentation.zarr (`groups` among its attributes), then its NIfTI
+def _write_outputs(inputs, workdir: str, outputs, centres, labels, found: dict) -> None:
+  """Paints the labels and writes segmentation.zarr (groups.structure as `groups` among its attributes), then its NIfTI
   and NRRD copies."""
   out_zarr, out_nii, out_nrrd = outputs
   c, img, out = inputs.config, inputs.image, inputs.input_volume
   s, chunk = c.segment.stride, c.data.cache_chunk
   if inputs.grid is None:
     with volume.zarr_writer(
-      out_zarr, img.shape, np.uint8, img.spacing, img.affine, chunk, groups=groups
+      out_zarr, img.shape, np.uint8, img.spacing, img.affine, chunk, groups=found
     ) as store:
       write_labels(store, inputs, centres, labels, s)
   else:  # painted on the working grid, then written back onto the input's (jule3d/working.py)
@@ -480,7 +371,7 @@ def _write_outputs(inputs, workdir: str, outputs, centres, labels, groups: dict)
     with volume.zarr_writer(on_grid, img.shape, np.uint8, img.spacing, img.affine, chunk) as store:
       write_labels(store, inputs, centres, labels, s)
     with volume.zarr_writer(
-      out_zarr, out.shape, np.uint8, out.spacing, out.affine, chunk, groups=groups
+      out_zarr, out.shape, np.uint8, out.spacing, out.affine, chunk, groups=found
     ) as store:
       write_back(store, volume.open_volume(on_grid, name='working segmentation'), inputs)
   seg = volume.open_volume(out_zarr, name='segmentation')

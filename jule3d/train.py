@@ -17,6 +17,14 @@ Resume precedence (what `--mode=train` does in a workdir):
 A checkpoint is written after every epoch (named by the global SGD step), so a crash costs at most
 one epoch; within a period, training resumes at the next epoch with the period's labels. The
 training patches are re-read from their saved centres (cheap), so a checkpoint does not hold them.
+
+Tries (train.tries > 1, an extension): a training whose final features of the training patches do
+not hold K = segment.num_segments distinct groups (groups.structure: the check the segmentation
+logs, here on the training patches) is followed by another, from scratch with another seed
+(try_seed), in WORKDIR/tries/<t>/ (a workdir of its own, resumable the same way), until one holds K
+groups or train.tries have run. The try whose features come closest (the lowest ratio) is kept: its
+final checkpoint is saved again as the newest in WORKDIR/checkpoints/, which segmentation and any
+later run restore, with the tries in its history. One try (the paper) trains as before.
 """
 
 import contextlib
@@ -41,6 +49,7 @@ from jule3d import (
   features,
   files,
   graph,
+  groups,
   merge,
   model,
   objective,
@@ -50,7 +59,7 @@ from jule3d import (
   volume,
 )
 from jule3d.errors import UserError
-from jule3d.workdir import HISTORY
+from jule3d.workdir import HISTORY, TRIES
 
 
 def patch_nmi(truth: np.ndarray | None, labels: np.ndarray) -> float | None:
@@ -218,12 +227,91 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
 
   Args:
     inputs: pipeline.Inputs.
-    workdir: run directory (checkpoints/, train_history.json).
+    workdir: run directory (checkpoints/, train_history.json; tries/ with train.tries > 1).
     overwrite: delete checkpoints of a different config instead of refusing.
 
   Returns:
-    The history dict written to train_history.json.
+    The history dict written to train_history.json (the kept try's, with 'tries' when more than
+    one ran).
   """
+  c = inputs.config
+  history = _train_once(inputs, workdir, overwrite)
+  if c.train.tries <= 1 or 'tries' in history or history['groups']['distinct']:
+    return history
+  done = [(0, c.seed, workdir, history)]
+  for t in range(1, c.train.tries):
+    seed = try_seed(c.seed, t)
+    logging.warning(
+      'try %d of %d (train.tries): training again with seed %d in %s',
+      t + 1,
+      c.train.tries,
+      seed,
+      os.path.join(workdir, TRIES, str(t)),
+    )
+    tried = c.copy_and_resolve_references()
+    tried.seed = seed
+    where = os.path.join(workdir, TRIES, str(t))
+    if sharding.is_primary():
+      os.makedirs(where, exist_ok=True)
+    sharding.barrier(f'jule3d-try-{t}')
+    done.append(
+      (t, seed, where, _train_once(dataclasses.replace(inputs, config=tried), where, overwrite))
+    )
+    if done[-1][3]['groups']['distinct']:
+      break
+  return _keep(inputs, workdir, done)
+
+
+def try_seed(seed: int, t: int) -> int:
+  """The seed of try t (t = 0: the config's own)."""
+  return seed + 1000 * t
+
+
+def _keep(inputs, workdir: str, done: list) -> dict:
+  """Saves the try with the lowest group ratio as the newest checkpoint of the workdir's own."""
+  c = inputs.config
+  t, seed, where, history = min(done, key=lambda d: d[3]['groups']['ratio'])
+  tries = [
+    {'try': i, 'seed': s, 'workdir': os.path.relpath(w, workdir), **h['groups']}
+    for i, s, w, h in done
+  ]
+  kept = {**history, 'tries': tries, 'kept': t}
+  m = sharding.mesh()
+  like = _initial_state(c)[2]
+  source = checkpoint.manager(where, read_only=True)
+  step = max(source.all_steps())
+  state, arrays, meta = checkpoint.restore(
+    source, step, like, c.patches.num_patches, sharding.replicated(m)
+  )
+  own = checkpoint.manager(workdir, keep=c.train.keep_checkpoints)
+  meta = {
+    **meta,
+    'fingerprint': checkpoint.fingerprint(c.to_dict(), volume.identity(inputs.input_volume)),
+    'history': kept,
+  }
+  checkpoint.save(own, max(own.all_steps()) + 1, state, arrays, meta)
+  if sharding.is_primary():
+    files.write_json_atomic(os.path.join(workdir, HISTORY), kept)
+  logging.info(
+    'kept try %d of %d (seed %d): group ratios %s',
+    t + 1,
+    len(done),
+    seed,
+    ', '.join(f'{d["ratio"]:.2f}' for d in tries),
+  )
+  return kept
+
+
+def _initial_state(c):
+  """The config's network, optimiser and fresh TrainState (what checkpoints restore against)."""
+  net = model.build_model(c.model)
+  tx = objective.make_optimizer(c.train)
+  state = objective.create_train_state(net, tx, jax.random.PRNGKey(c.seed), c.patches.patch_size)
+  return net, tx, state
+
+
+def _train_once(inputs, workdir: str, overwrite: bool) -> dict:
+  """One training (the JULE schedule) in `workdir`, resumed where a checkpoint is; its history."""
   run = _start(inputs, workdir, overwrite)
   if isinstance(run, dict):  # training was already complete
     return run
@@ -241,9 +329,7 @@ def _start(inputs, workdir: str, overwrite: bool):
   c = inputs.config
   data_id = volume.identity(inputs.input_volume)
   fp = checkpoint.fingerprint(c.to_dict(), data_id)
-  net = model.build_model(c.model)
-  tx = objective.make_optimizer(c.train)
-  state = objective.create_train_state(net, tx, jax.random.PRNGKey(c.seed), c.patches.patch_size)
+  net, tx, state = _initial_state(c)
   n_s = c.patches.num_patches
   m = sharding.mesh()
   mgr, resume = _open_run(inputs, workdir, fp, overwrite, state, m)
@@ -251,7 +337,12 @@ def _start(inputs, workdir: str, overwrite: bool):
     step, (state, saved, meta) = resume
     if meta.get('done'):
       logging.info('training already complete in %s (checkpoint %d)', workdir, step)
-      return meta['history']
+      history = meta['history']
+      if 'groups' not in history and c.train.tries > 1:  # trained before the check existed
+        data = samples.load_training_data(inputs, centres=saved['centres'], m=m)
+        variables = {'params': state.params, 'batch_stats': state.batch_stats}
+        history['groups'] = _group_check(c, model.make_embed_fn(net), variables, data.patches)
+      return history
   initial = None
   if resume is None:
     t0 = time.time()
@@ -422,6 +513,9 @@ def _end_period(run: _Run) -> bool:
   done = num_clusters <= c.cluster.num_clusters and (
     entry['merges'] == 0 or not c.train.final_period
   )
+  if done:  # whether the trained features hold K groups (train.tries acts on it)
+    variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+    run.history['groups'] = _group_check(c, run.embed_fn, variables, run.data.patches)
   run.period += 1
   run.partial = None
   _save(run, done)
@@ -438,3 +532,14 @@ def _end_period(run: _Run) -> bool:
     entry['seconds'],
   )
   return done
+
+
+def _group_check(c, embed_fn, variables, patches) -> dict:
+  """groups.structure of the trained features of the training patches, with K segments; logged."""
+  feats = features.extract_features(embed_fn, variables, patches, c.model.feature_batch_size)
+  fit = (c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
+  found = groups.structure(
+    feats, groups.kmeans_labels(feats, c.segment.num_segments, *fit)[1], *fit
+  )
+  groups.log_structure(found, 'the trained features of the training patches')
+  return found

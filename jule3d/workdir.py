@@ -6,6 +6,8 @@ mni152/               MNI152: the labels of the built-in MNI152 template (jule3d
 cache/                CACHE: non-chunked inputs converted once to chunked zarr; derived copies
 checkpoints/          CHECKPOINTS: orbax checkpoints of phase 1 (jule3d/checkpoint.py)
 damaged_checkpoints/  DAMAGED_CHECKPOINTS: checkpoints that could not be restored, set aside (never deleted)
+tries/<t>/            TRIES: the further trainings of train.tries, each a workdir of its own (checkpoints/,
+                      train_history.json); the kept one is copied into checkpoints/ (jule3d/train.py)
 train_history.json    HISTORY: one entry per JULE period
 segmentation.zarr     SEGMENTATION: uint8 labels, the input's shape and geometry; the same labels
                       as SEGMENTATION_NIFTI (.nii.gz) and SEGMENTATION_NRRD (.nrrd, 3D Slicer)
@@ -21,6 +23,7 @@ MNI152 = 'mni152'
 CACHE = 'cache'
 CHECKPOINTS = 'checkpoints'
 DAMAGED_CHECKPOINTS = 'damaged_checkpoints'
+TRIES = 'tries'
 HISTORY = 'train_history.json'
 SEGMENTATION = 'segmentation.zarr'
 SEGMENTATION_NIFTI = 'segmentation.nii.gz'

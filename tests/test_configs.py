@@ -22,6 +22,7 @@ PAPER_VALUES = {
   'model.centre_size': 0,
   'segment.layer': 'embedding',  # tried, not recommended (README "Honest reading")
   'train.augment': 'none',  # tried, not recommended
+  'train.tries': 1,  # one training
 }
 # Fields added since the snapshot: the extensions' switches and the Atropos baseline's settings.
 NEW_FIELDS = [f for f in PAPER_VALUES if f != 'patches.mask_outside']

@@ -331,3 +331,13 @@ def test_groups_section_says_whether_the_features_hold_k_groups():
   held = '\n'.join(report._groups_lines({**groups, 'ratio': 0.23, 'distinct': True}))
   assert 'hold 3 distinct groups' in held and 'fewer' not in held
   assert report._groups_lines(None) == []  # a segmentation written before the check
+
+
+def test_phase1_section_names_the_tries_and_the_kept_one():
+  period = {'clusters_start': 50, 'clusters_end': 6, 'loss_mean': 0.2, 'seconds': 3.0}
+  history = {'periods': [period], 'nmi_patches_raw': None}
+  assert 'train.tries' not in '\n'.join(report._phase1(history, {}))
+  tries = [{'try': 0, 'seed': 4, 'ratio': 0.51}, {'try': 1, 'seed': 1004, 'ratio': 0.28}]
+  text = '\n'.join(report._phase1({**history, 'tries': tries, 'kept': 1}, {}))
+  assert '2 trainings (train.tries' in text and '0.51 (seed 4), 0.28 (seed 1004)' in text
+  assert 'kept: try 2' in text

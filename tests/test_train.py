@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from helpers import ROOT, run_cli
 
 from configs import smoke
-from jule3d import checkpoint, model, objective, train
+from jule3d import checkpoint, groups, model, objective, pipeline, segment, train
 from jule3d.errors import UserError
 
 
@@ -58,6 +59,10 @@ def test_history_ends_at_c_with_the_extra_period(smoke_run):
   assert periods[-2]['clusters_end'] == c.cluster.num_clusters
   assert periods[-1]['merges'] == 0 and periods[-1]['clusters_end'] == c.cluster.num_clusters
   assert 0 <= h['nmi_patches_raw'] <= 1
+  # The check of the trained features' groups (train.tries acts on it; one try here: no 'tries').
+  g = h['groups']
+  assert g['k'] == c.segment.num_segments and 0 < g['unexplained_k'] < g['unexplained_k_minus_1']
+  assert g['distinct'] == (g['ratio'] < 0.75 * g['continuum_ratio']) and 'tries' not in h
   # Merges per period follow min(ceil(eta * Nc), Nc - C).
   for p in periods[:-1]:
     n = p['clusters_start']
@@ -216,3 +221,83 @@ def test_features_that_collapse_are_one_user_error(tmp_path, monkeypatch):
   with pytest.raises(UserError, match='period 0') as info:
     train.train(inputs, str(tmp_path / 'w'))
   assert 'data.threshold' in str(info.value) and '\n' not in str(info.value)
+
+
+def _tries_run(tmp_path, monkeypatch, ratios: dict):
+  """train.train with train.tries = 3 and the groups check's ratio set per try seed (`ratios`)."""
+  real = groups.structure
+
+  def structure(features, dist, seed, restarts, max_fit):
+    found = real(features, dist, seed, restarts, max_fit)
+    if seed in ratios:
+      r = ratios[seed]
+      found = {**found, 'ratio': r, 'distinct': r < 0.75 * found['continuum_ratio']}
+    return found
+
+  monkeypatch.setattr(groups, 'structure', structure)
+  c = smoke.get_config()
+  c.train.tries = 3
+  workdir = str(tmp_path / 'w')
+  inputs = pipeline.resolve_inputs(c, workdir, for_training=True)
+  return c, inputs, workdir, train.train(inputs, workdir)
+
+
+def _params(mgr):
+  c = smoke.get_config()
+  like = train._initial_state(c)[2]
+  state, _, meta = checkpoint.restore(mgr, mgr.latest_step(), like, c.patches.num_patches)
+  return jax.tree.leaves(state.params), meta
+
+
+def test_tries_keep_the_training_whose_features_hold_the_groups_best(tmp_path, monkeypatch):
+  # No try holds 3 distinct groups (the continuum's ratio is 0.44, distinct below 0.33): all three
+  # run, each from scratch with its own seed in tries/<t>, and the lowest ratio (try 1) is kept.
+  c, inputs, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.50, 1000: 0.40, 2000: 0.45})
+  assert [(t['try'], t['seed'], t['ratio']) for t in h['tries']] == [
+    (0, 0, 0.50),
+    (1, 1000, 0.40),
+    (2, 2000, 0.45),
+  ]
+  assert h['kept'] == 1 and h['groups']['ratio'] == 0.40 and _history(workdir) == h
+  assert [t['workdir'] for t in h['tries']] == ['.', 'tries/1', 'tries/2']
+  # The workdir's newest checkpoint is try 1's final model: what segmentation restores.
+  kept, meta = _params(checkpoint.manager(workdir, read_only=True))
+  tried, _ = _params(checkpoint.manager(os.path.join(workdir, 'tries', '1'), read_only=True))
+  other, _ = _params(checkpoint.manager(os.path.join(workdir, 'tries', '2'), read_only=True))
+  assert meta['seed'] == 1000 and meta['done'] and meta['history'] == h
+  for a, b in zip(kept, tried, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(kept, other, strict=True)
+  )
+  restored = jax.tree.leaves(segment.load_model(c, workdir)[1]['params'])
+  for a, b in zip(restored, tried, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # Run again: nothing trains. Killed before the kept copy was saved: the tries are done, so the
+  # same one is kept again without training.
+  def no_training(run):
+    raise AssertionError('trained again')
+
+  monkeypatch.setattr(train, '_train_epochs', no_training)
+  assert train.train(inputs, workdir) == h
+  mgr = checkpoint.manager(workdir, read_only=True)
+  newest = mgr.latest_step()
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(newest)))
+  os.remove(os.path.join(workdir, train.HISTORY))
+  assert train.train(inputs, workdir) == h
+  again, _ = _params(checkpoint.manager(workdir, read_only=True))
+  for a, b in zip(again, tried, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tries_stop_at_the_first_training_that_holds_the_groups(tmp_path, monkeypatch):
+  _, _, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.50, 1000: 0.20, 2000: 0.10})
+  assert [t['ratio'] for t in h['tries']] == [0.50, 0.20] and h['kept'] == 1
+  assert h['groups']['distinct'] and not os.path.exists(os.path.join(workdir, 'tries', '2'))
+
+
+def test_one_try_whose_features_hold_the_groups_trains_once(tmp_path, monkeypatch):
+  _, _, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.20})
+  assert 'tries' not in h and h['groups']['distinct']
+  assert not os.path.exists(os.path.join(workdir, 'tries'))
