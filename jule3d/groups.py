@@ -48,7 +48,8 @@ def kmeans_labels(
 
 # structure: a ratio W(K) / W(K - 1) above this share of the continuum's ((K - 1) / K)^2 says
 # the features hold fewer than K distinct groups (README "Honest reading": 0.21-0.27 in the phantom
-# runs that separate its three regions, 0.44-0.52 in those that merge two of them and on MNI152).
+# runs that separate its three regions, 0.51-0.52 in those that merge two of them, 0.41-0.47 on
+# MNI152).
 _DISTINCT_SHARE = 0.75
 
 

@@ -240,17 +240,16 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     return history
   done = [(0, c.seed, workdir, history)]
   for t in range(1, c.train.tries):
-    seed = try_seed(c.seed, t)
+    seed, where = try_seed(c.seed, t), os.path.join(workdir, TRIES, str(t))
     logging.warning(
       'try %d of %d (train.tries): training again with seed %d in %s',
       t + 1,
       c.train.tries,
       seed,
-      os.path.join(workdir, TRIES, str(t)),
+      where,
     )
     tried = c.copy_and_resolve_references()
     tried.seed = seed
-    where = os.path.join(workdir, TRIES, str(t))
     if sharding.is_primary():
       os.makedirs(where, exist_ok=True)
     sharding.barrier(f'jule3d-try-{t}')
@@ -286,7 +285,7 @@ def _keep(inputs, workdir: str, done: list) -> dict:
   own = checkpoint.manager(workdir, keep=c.train.keep_checkpoints)
   meta = {
     **meta,
-    'fingerprint': checkpoint.fingerprint(c.to_dict(), volume.identity(inputs.input_volume)),
+    'fingerprint': _fingerprint(inputs)[0],
     'history': kept,
   }
   checkpoint.save(own, max(own.all_steps()) + 1, state, arrays, meta)
@@ -310,6 +309,12 @@ def _initial_state(c):
   return net, tx, state
 
 
+def _fingerprint(inputs) -> tuple[str, str]:
+  """The run's checkpoint fingerprint (its phase-1 config and data) and the data's identity."""
+  data_id = volume.identity(inputs.input_volume)
+  return checkpoint.fingerprint(inputs.config.to_dict(), data_id), data_id
+
+
 def _train_once(inputs, workdir: str, overwrite: bool) -> dict:
   """One training (the JULE schedule) in `workdir`, resumed where a checkpoint is; its history."""
   run = _start(inputs, workdir, overwrite)
@@ -327,8 +332,7 @@ def _train_once(inputs, workdir: str, overwrite: bool) -> dict:
 def _start(inputs, workdir: str, overwrite: bool):
   """A new run, or the resumed one from the newest intact checkpoint; its history when done."""
   c = inputs.config
-  data_id = volume.identity(inputs.input_volume)
-  fp = checkpoint.fingerprint(c.to_dict(), data_id)
+  fp, data_id = _fingerprint(inputs)
   net, tx, state = _initial_state(c)
   n_s = c.patches.num_patches
   m = sharding.mesh()
