@@ -129,9 +129,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.augment = 'none'
   c.train.keep_checkpoints = 3  # Checkpoints kept under WORKDIR/checkpoints (older ones pruned).
   # Extension: trainings run at most. When the trained features of the training patches do not
-  # hold segment.num_segments distinct groups (jule3d/groups.py), train again from scratch with
-  # another seed, up to this many times, and keep the try whose features come closest (lowest
-  # ratio; jule3d/train.py). 1 = one training (the paper).
+  # hold segment.num_segments distinct groups (jule3d/groups.py) but their period-0 features did,
+  # train again from scratch with another seed, up to this many times, and keep the try whose
+  # features come closest (lowest ratio; jule3d/train.py). 1 = one training (the paper).
   c.train.tries = 1
 
   # --- Phase 2: segmentation (method §5) ----------------------------------------------------------

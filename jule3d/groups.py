@@ -98,22 +98,27 @@ def structure(features: np.ndarray, dist: np.ndarray, seed: int, restarts: int, 
   }
 
 
-def verdict(groups: dict) -> str:
-  """structure's finding in words (the log line and report.md)."""
+def verdict(groups: dict, advice: bool = True) -> str:
+  """structure's finding in words (the log line and report.md); `advice`: what segments cut from
+  such features do, and what to try."""
   k = groups['k']
   if groups['distinct']:
     return f'the features hold {k} distinct groups'
+  found = f'the features hold fewer than {k} distinct groups'
+  if not advice:
+    return found
   return (
-    f'the features hold fewer than {k} distinct groups: segments cut through one (or merge two); '
-    'check the slices; another --config.seed (or more train.tries) may separate them'
+    f'{found}: segments cut through one (or merge two); check the slices; another --config.seed '
+    '(or more train.tries) may separate them'
   )
 
 
-def log_structure(found: dict, what: str) -> None:
-  """One log line for `structure`'s result on `what` (a warning when the groups are not distinct)."""
+def log_structure(found: dict, what: str, advice: bool = True) -> None:
+  """One log line for `structure`'s result on `what` (with `advice`, a warning when the groups are
+  not distinct)."""
   k = found['k']
   logging.log(
-    logging.INFO if found['distinct'] else logging.WARNING,
+    logging.INFO if found['distinct'] or not advice else logging.WARNING,
     '%s: k-means leaves %.3f of the variance with K = %d, %.3f with %d: ratio %.2f (one continuum '
     'gives %.2f): %s',
     what,
@@ -123,5 +128,5 @@ def log_structure(found: dict, what: str) -> None:
     k - 1,
     found['ratio'],
     found['continuum_ratio'],
-    verdict(found),
+    verdict(found, advice),
   )

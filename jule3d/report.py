@@ -254,6 +254,13 @@ def _phase1(history, figs) -> list[str]:
       f'{history["kept"] + 1}, the lowest, whose model is the newest checkpoint in checkpoints/ '
       '(the others are in tries/).'
     )
+  start, trained = history.get('groups_start'), history.get('groups')
+  if not tries and start and trained and not (start['distinct'] or trained['distinct']):
+    lines.append(
+      f'One training (train.tries): neither the period-0 features (group ratio {start["ratio"]:.2f}) '
+      f'nor the trained ones ({trained["ratio"]:.2f}) hold K distinct groups, and a training that '
+      'starts without them is not expected to find them.'
+    )
   lines.append('')
   if 'training' in figs:
     lines += [f'![training]({figs["training"]})', '']

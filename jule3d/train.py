@@ -20,9 +20,11 @@ training patches are re-read from their saved centres (cheap), so a checkpoint d
 
 Tries (train.tries > 1, an extension): a training whose final features of the training patches do
 not hold K = segment.num_segments distinct groups (groups.structure: the check the segmentation
-logs, here on the training patches) is followed by another, from scratch with another seed
-(try_seed), in WORKDIR/tries/<t>/ (a workdir of its own, resumable the same way), until one holds K
-groups or train.tries have run. The try whose features come closest (the lowest ratio) is kept: its
+logs, here on the training patches) although its period-0 features did (the same check, history
+'groups_start') has lost groups that were there; it is followed by another, from scratch with
+another seed (try_seed), in WORKDIR/tries/<t>/ (a workdir of its own, resumable the same way), until
+one holds K groups or train.tries have run. Where the period-0 features hold no K groups (MNI152's
+intensity is one curve) no training has been seen to find them, so one runs. The try whose features come closest (the lowest ratio) is kept: its
 final checkpoint is saved again as the newest in WORKDIR/checkpoints/, which segmentation and any
 later run restore, with the tries in its history. One try (the paper) trains as before.
 """
@@ -238,6 +240,14 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
   history = _train_once(inputs, workdir, overwrite)
   if c.train.tries <= 1 or 'tries' in history or history['groups']['distinct']:
     return history
+  if not history['groups_start']['distinct']:
+    logging.info(
+      'one training (train.tries): the period-0 features hold fewer than %d distinct groups '
+      '(ratio %.2f), so no training is expected to find them',
+      c.segment.num_segments,
+      history['groups_start']['ratio'],
+    )
+    return history
   done = [(0, c.seed, workdir, history)]
   for t in range(1, c.train.tries):
     seed, where = try_seed(c.seed, t), os.path.join(workdir, TRIES, str(t))
@@ -259,6 +269,9 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     if done[-1][3]['groups']['distinct']:
       break
   return _keep(inputs, workdir, done)
+
+
+_START = 'the period-0 features'  # _group_check of what period 0 clusters (history 'groups_start')
 
 
 def try_seed(seed: int, t: int) -> int:
@@ -299,6 +312,15 @@ def _keep(inputs, workdir: str, done: list) -> dict:
     ', '.join(f'{d["ratio"]:.2f}' for d in tries),
   )
   return kept
+
+
+def _checks_of_earlier_runs(c, history: dict, net, state, patches) -> None:
+  """The group checks a finished run trained before they existed lacks, added to its history."""
+  if 'groups_start' not in history:
+    history['groups_start'] = _group_check(c, features.initial_features(c, patches), _START)
+  if 'groups' not in history:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    history['groups'] = _trained_check(c, model.make_embed_fn(net), variables, patches)
 
 
 def _initial_state(c):
@@ -342,10 +364,9 @@ def _start(inputs, workdir: str, overwrite: bool):
     if meta.get('done'):
       logging.info('training already complete in %s (checkpoint %d)', workdir, step)
       history = meta['history']
-      if 'groups' not in history and c.train.tries > 1:  # trained before the check existed
+      if c.train.tries > 1 and not {'groups', 'groups_start'} <= history.keys():
         data = samples.load_training_data(inputs, centres=saved['centres'], m=m)
-        variables = {'params': state.params, 'batch_stats': state.batch_stats}
-        history['groups'] = _group_check(c, model.make_embed_fn(net), variables, data.patches)
+        _checks_of_earlier_runs(c, history, net, state, data.patches)
       return history
   initial = None
   if resume is None:
@@ -371,6 +392,8 @@ def _start(inputs, workdir: str, overwrite: bool):
     data = samples.load_training_data(inputs, centres=saved['centres'], m=m)
     labels, period = saved['labels'], int(meta['period'])
     partial, history = meta.get('partial'), meta['history']
+    if c.train.tries > 1 and 'groups_start' not in history:  # started before the check existed
+      history['groups_start'] = _group_check(c, features.initial_features(c, data.patches), _START)
     logging.info(
       'resuming from checkpoint %d: period %d, epoch %d, %d clusters',
       step,
@@ -432,6 +455,8 @@ def _cluster(run: _Run) -> None:
         run.initial if run.initial is not None else features.initial_features(c, run.data.patches)
       )
       run.initial = None
+      if c.train.tries > 1:  # whether another training could find groups (train.train)
+        run.history['groups_start'] = _group_check(c, feats, _START)
     else:
       feats = features.extract_features(
         run.embed_fn,
@@ -519,7 +544,7 @@ def _end_period(run: _Run) -> bool:
   )
   if done:  # whether the trained features hold K groups (train.tries acts on it)
     variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
-    run.history['groups'] = _group_check(c, run.embed_fn, variables, run.data.patches)
+    run.history['groups'] = _trained_check(c, run.embed_fn, variables, run.data.patches)
   run.period += 1
   run.partial = None
   _save(run, done)
@@ -538,12 +563,18 @@ def _end_period(run: _Run) -> bool:
   return done
 
 
-def _group_check(c, embed_fn, variables, patches) -> dict:
-  """groups.structure of the trained features of the training patches, with K segments; logged."""
+def _trained_check(c, embed_fn, variables, patches) -> dict:
+  """_group_check of the trained features of the training patches."""
   feats = features.extract_features(embed_fn, variables, patches, c.model.feature_batch_size)
+  return _group_check(c, feats, 'the trained features')
+
+
+def _group_check(c, feats: np.ndarray, what: str) -> dict:
+  """groups.structure of `what` (features of the training patches), with K segments; logged (the
+  segments' advice only for the trained features, which the segmentation reads)."""
   fit = (c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
   found = groups.structure(
     feats, groups.kmeans_labels(feats, c.segment.num_segments, *fit)[1], *fit
   )
-  groups.log_structure(found, 'the trained features of the training patches')
+  groups.log_structure(found, f'{what} of the training patches', advice=what != _START)
   return found

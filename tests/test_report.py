@@ -341,3 +341,8 @@ def test_phase1_section_names_the_tries_and_the_kept_one():
   text = '\n'.join(report._phase1({**history, 'tries': tries, 'kept': 1}, {}))
   assert '2 trainings (train.tries' in text and '0.51 (seed 4), 0.28 (seed 1004)' in text
   assert 'kept: try 2' in text
+  start = {'ratio': 0.48, 'distinct': False}
+  one = '\n'.join(report._phase1({**history, 'groups_start': start, 'groups': start}, {}))
+  assert 'One training (train.tries): neither the period-0 features (group ratio 0.48)' in one
+  held = {**history, 'groups_start': {'ratio': 0.28, 'distinct': True}, 'groups': start}
+  assert 'One training' not in '\n'.join(report._phase1(held, {}))

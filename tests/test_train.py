@@ -223,14 +223,15 @@ def test_features_that_collapse_are_one_user_error(tmp_path, monkeypatch):
   assert 'data.threshold' in str(info.value) and '\n' not in str(info.value)
 
 
-def _tries_run(tmp_path, monkeypatch, ratios: dict):
-  """train.train with train.tries = 3 and the groups check's ratio set per try seed (`ratios`)."""
+def _tries_run(tmp_path, monkeypatch, ratios: dict, start: float = 0.20):
+  """train.train with train.tries = 3 and the group check's ratio set: on the trained features per
+  try seed (`ratios`), on the period-0 features to `start` (distinct below 0.33)."""
   real = groups.structure
 
   def structure(features, dist, seed, restarts, max_fit):
     found = real(features, dist, seed, restarts, max_fit)
-    if seed in ratios:
-      r = ratios[seed]
+    r = start if features.shape[1] == 1 else ratios.get(seed)  # the 'cue' start has one column
+    if r is not None:
       found = {**found, 'ratio': r, 'distinct': r < 0.75 * found['continuum_ratio']}
     return found
 
@@ -301,3 +302,40 @@ def test_one_try_whose_features_hold_the_groups_trains_once(tmp_path, monkeypatc
   _, _, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.20})
   assert 'tries' not in h and h['groups']['distinct']
   assert not os.path.exists(os.path.join(workdir, 'tries'))
+
+
+def test_no_tries_where_the_period_0_features_hold_no_groups(tmp_path, monkeypatch):
+  # The trained features do not hold the groups, but neither did the period-0 features (MNI152's
+  # intensity, one curve): one training, as no other is expected to find them.
+  c, _, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.50, 1000: 0.20}, start=0.45)
+  assert c.cluster.initial_features == 'cue' and h['groups_start']['ratio'] == 0.45
+  assert not h['groups_start']['distinct'] and not h['groups']['distinct']
+  assert 'tries' not in h and not os.path.exists(os.path.join(workdir, 'tries'))
+  assert _history(workdir) == h
+
+
+def test_a_finished_run_from_before_the_checks_gets_them_without_training(tmp_path, monkeypatch):
+  c, inputs, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.20})
+  assert h['groups_start']['ratio'] == 0.20 and 'tries' not in h
+  mgr = checkpoint.manager(workdir, read_only=True)
+  meta_path = os.path.join(workdir, 'checkpoints', str(mgr.latest_step()))
+  # Strip both checks from the finished checkpoint's history, as a run trained before them has.
+  step = mgr.latest_step()
+  like = train._initial_state(c)[2]
+  state, arrays, meta = checkpoint.restore(mgr, step, like, c.patches.num_patches)
+  old = {k: v for k, v in meta['history'].items() if k not in ('groups', 'groups_start')}
+  shutil.rmtree(meta_path)
+  checkpoint.save(
+    checkpoint.manager(workdir, keep=c.train.keep_checkpoints),
+    step,
+    state,
+    arrays,
+    {**meta, 'history': old},
+  )
+
+  def no_training(run):
+    raise AssertionError('trained again')
+
+  monkeypatch.setattr(train, '_train_epochs', no_training)
+  again = train.train(inputs, workdir)
+  assert again['groups_start'] == h['groups_start'] and again['groups'] == h['groups']
