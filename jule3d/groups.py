@@ -49,7 +49,8 @@ def kmeans_labels(
 # structure: a ratio W(K) / W(K - 1) above this share of the continuum's ((K - 1) / K)^2 says
 # the features hold fewer than K distinct groups (README "Honest reading": 0.21-0.27 in the phantom
 # runs that separate its three regions, 0.51-0.52 in those that merge two of them, 0.41-0.47 on
-# MNI152).
+# MNI152). On the period-0 features (train.tries acts on both): the phantom's cue 0.28-0.31, close
+# to the 0.33 line, MNI152's 0.48-0.50, 'texture' and L2 raw voxels 0.68-0.98 (seeds 0-5).
 _DISTINCT_SHARE = 0.75
 
 
@@ -108,8 +109,9 @@ def verdict(groups: dict, advice: bool = True) -> str:
   if not advice:
     return found
   return (
-    f'{found}: segments cut through one (or merge two); check the slices; another --config.seed '
-    '(or more train.tries) may separate them'
+    f'{found}: segments cut through one (or merge two); check the slices; where the '
+    "period-0 features held them (train_history.json 'groups_start'), another --config.seed may "
+    'separate them'
   )
 
 

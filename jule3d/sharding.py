@@ -63,6 +63,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def primary_says(flag: bool) -> bool:
+  """Process 0's `flag` on every process: a decision every process must take alike (one made from
+  host float sums, whose last bits may differ between hosts)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
   """A full host copy of `x`, gathered from the other processes where it is split across them."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:

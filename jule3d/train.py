@@ -23,10 +23,11 @@ not hold K = segment.num_segments distinct groups (groups.structure: the check t
 logs, here on the training patches) although its period-0 features did (the same check, history
 'groups_start') has lost groups that were there; it is followed by another, from scratch with
 another seed (try_seed), in WORKDIR/tries/<t>/ (a workdir of its own, resumable the same way), until
-one holds K groups or train.tries have run. Where the period-0 features hold no K groups (MNI152's
-intensity is one curve) no training has been seen to find them, so one runs. The try whose features come closest (the lowest ratio) is kept: its
-final checkpoint is saved again as the newest in WORKDIR/checkpoints/, which segmentation and any
-later run restore, with the tries in its history. One try (the paper) trains as before.
+one holds K groups or train.tries have run. The try whose features come closest (the lowest ratio)
+is kept: its final checkpoint is saved again as the newest in WORKDIR/checkpoints/, which
+segmentation and any later run restore, with the tries in its history. Where the period-0 features
+hold no K groups (MNI152's intensity is one curve) no training has been seen to find them, so one
+runs. One try (the paper) trains as before.
 """
 
 import contextlib
@@ -260,6 +261,7 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     )
     tried = c.copy_and_resolve_references()
     tried.seed = seed
+    tried.train.tries = 1  # try 0's start check decided (train.tries is outside the fingerprint)
     if sharding.is_primary():
       os.makedirs(where, exist_ok=True)
     sharding.barrier(f'jule3d-try-{t}')
@@ -269,9 +271,6 @@ def train(inputs, workdir: str, overwrite: bool = False) -> dict:
     if done[-1][3]['groups']['distinct']:
       break
   return _keep(inputs, workdir, done)
-
-
-_START = 'the period-0 features'  # _group_check of what period 0 clusters (history 'groups_start')
 
 
 def try_seed(seed: int, t: int) -> int:
@@ -287,7 +286,7 @@ def _keep(inputs, workdir: str, done: list) -> dict:
     {'try': i, 'seed': s, 'workdir': os.path.relpath(w, workdir), **h['groups']}
     for i, s, w, h in done
   ]
-  kept = {**history, 'tries': tries, 'kept': t}
+  kept = {**history, 'groups_start': done[0][3]['groups_start'], 'tries': tries, 'kept': t}
   m = sharding.mesh()
   like = _initial_state(c)[2]
   source = checkpoint.manager(where, read_only=True)
@@ -314,13 +313,16 @@ def _keep(inputs, workdir: str, done: list) -> dict:
   return kept
 
 
-def _checks_of_earlier_runs(c, history: dict, net, state, patches) -> None:
-  """The group checks a finished run trained before they existed lacks, added to its history."""
-  if 'groups_start' not in history:
-    history['groups_start'] = _group_check(c, features.initial_features(c, patches), _START)
+def _checks_of_earlier_runs(c, workdir: str, history: dict, net, state, patches) -> None:
+  """The group checks train() reads that a finished run trained before them lacks: added to its
+  history and to train_history.json (the report reads it)."""
   if 'groups' not in history:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     history['groups'] = _trained_check(c, model.make_embed_fn(net), variables, patches)
+  if 'groups_start' not in history and not history['groups']['distinct']:
+    history['groups_start'] = _start_check(c, patches)
+  if sharding.is_primary():
+    files.write_json_atomic(os.path.join(workdir, HISTORY), history)
 
 
 def _initial_state(c):
@@ -364,9 +366,12 @@ def _start(inputs, workdir: str, overwrite: bool):
     if meta.get('done'):
       logging.info('training already complete in %s (checkpoint %d)', workdir, step)
       history = meta['history']
-      if c.train.tries > 1 and not {'groups', 'groups_start'} <= history.keys():
+      wanted = 'groups' not in history or not (
+        'tries' in history or history['groups']['distinct'] or 'groups_start' in history
+      )
+      if c.train.tries > 1 and wanted:
         data = samples.load_training_data(inputs, centres=saved['centres'], m=m)
-        _checks_of_earlier_runs(c, history, net, state, data.patches)
+        _checks_of_earlier_runs(c, workdir, history, net, state, data.patches)
       return history
   initial = None
   if resume is None:
@@ -393,7 +398,7 @@ def _start(inputs, workdir: str, overwrite: bool):
     labels, period = saved['labels'], int(meta['period'])
     partial, history = meta.get('partial'), meta['history']
     if c.train.tries > 1 and 'groups_start' not in history:  # started before the check existed
-      history['groups_start'] = _group_check(c, features.initial_features(c, data.patches), _START)
+      history['groups_start'] = _start_check(c, data.patches)
     logging.info(
       'resuming from checkpoint %d: period %d, epoch %d, %d clusters',
       step,
@@ -456,7 +461,7 @@ def _cluster(run: _Run) -> None:
       )
       run.initial = None
       if c.train.tries > 1:  # whether another training could find groups (train.train)
-        run.history['groups_start'] = _group_check(c, feats, _START)
+        run.history['groups_start'] = _start_check(c, run.data.patches, feats)
     else:
       feats = features.extract_features(
         run.embed_fn,
@@ -566,15 +571,23 @@ def _end_period(run: _Run) -> bool:
 def _trained_check(c, embed_fn, variables, patches) -> dict:
   """_group_check of the trained features of the training patches."""
   feats = features.extract_features(embed_fn, variables, patches, c.model.feature_batch_size)
-  return _group_check(c, feats, 'the trained features')
+  return _group_check(c, feats, 'the trained features', advice=True)
 
 
-def _group_check(c, feats: np.ndarray, what: str) -> dict:
-  """groups.structure of `what` (features of the training patches), with K segments; logged (the
-  segments' advice only for the trained features, which the segmentation reads)."""
+def _start_check(c, patches, feats: np.ndarray | None = None) -> dict:
+  """_group_check of the period-0 features of the training patches (computed unless given)."""
+  if feats is None:
+    feats = features.initial_features(c, patches)
+  return _group_check(c, feats, 'the period-0 features', advice=False)
+
+
+def _group_check(c, feats: np.ndarray, what: str, advice: bool) -> dict:
+  """groups.structure of `what` (features of the training patches), with K segments; logged (with
+  `advice`: what segments cut from them do). Every process takes process 0's verdict."""
   fit = (c.seed, c.segment.kmeans_restarts, c.segment.kmeans_max_fit)
   found = groups.structure(
     feats, groups.kmeans_labels(feats, c.segment.num_segments, *fit)[1], *fit
   )
-  groups.log_structure(found, f'{what} of the training patches', advice=what != _START)
+  found['distinct'] = sharding.primary_says(found['distinct'])
+  groups.log_structure(found, f'{what} of the training patches', advice)
   return found

@@ -63,6 +63,7 @@ def test_history_ends_at_c_with_the_extra_period(smoke_run):
   g = h['groups']
   assert g['k'] == c.segment.num_segments and 0 < g['unexplained_k'] < g['unexplained_k_minus_1']
   assert g['distinct'] == (g['ratio'] < 0.75 * g['continuum_ratio']) and 'tries' not in h
+  assert 'groups_start' not in h  # one try (the smoke config): the start is not checked
   # Merges per period follow min(ceil(eta * Nc), Nc - C).
   for p in periods[:-1]:
     n = p['clusters_start']
@@ -237,6 +238,7 @@ def _tries_run(tmp_path, monkeypatch, ratios: dict, start: float = 0.20):
 
   monkeypatch.setattr(groups, 'structure', structure)
   c = smoke.get_config()
+  assert c.cluster.initial_features == 'cue'  # `structure` above tells the start by its one column
   c.train.tries = 3
   workdir = str(tmp_path / 'w')
   inputs = pipeline.resolve_inputs(c, workdir, for_training=True)
@@ -308,34 +310,45 @@ def test_no_tries_where_the_period_0_features_hold_no_groups(tmp_path, monkeypat
   # The trained features do not hold the groups, but neither did the period-0 features (MNI152's
   # intensity, one curve): one training, as no other is expected to find them.
   c, _, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.50, 1000: 0.20}, start=0.45)
-  assert c.cluster.initial_features == 'cue' and h['groups_start']['ratio'] == 0.45
+  assert h['groups_start']['ratio'] == 0.45
   assert not h['groups_start']['distinct'] and not h['groups']['distinct']
   assert 'tries' not in h and not os.path.exists(os.path.join(workdir, 'tries'))
   assert _history(workdir) == h
 
 
-def test_a_finished_run_from_before_the_checks_gets_them_without_training(tmp_path, monkeypatch):
-  c, inputs, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.20})
-  assert h['groups_start']['ratio'] == 0.20 and 'tries' not in h
+def _drop_checks(c, workdir: str, step: int, keys: tuple[str, ...]) -> None:
+  """Checkpoint `step` saved again without `keys` in its history (a run from before those checks)."""
   mgr = checkpoint.manager(workdir, read_only=True)
-  meta_path = os.path.join(workdir, 'checkpoints', str(mgr.latest_step()))
-  # Strip both checks from the finished checkpoint's history, as a run trained before them has.
-  step = mgr.latest_step()
   like = train._initial_state(c)[2]
   state, arrays, meta = checkpoint.restore(mgr, step, like, c.patches.num_patches)
-  old = {k: v for k, v in meta['history'].items() if k not in ('groups', 'groups_start')}
-  shutil.rmtree(meta_path)
-  checkpoint.save(
-    checkpoint.manager(workdir, keep=c.train.keep_checkpoints),
-    step,
-    state,
-    arrays,
-    {**meta, 'history': old},
-  )
+  history = {k: v for k, v in meta['history'].items() if k not in keys}
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+  own = checkpoint.manager(workdir, keep=c.train.keep_checkpoints)
+  checkpoint.save(own, step, state, arrays, {**meta, 'history': history})
+
+
+def test_runs_from_before_the_checks_get_them(tmp_path, monkeypatch):
+  c, inputs, workdir, h = _tries_run(tmp_path, monkeypatch, {0: 0.50}, start=0.45)
+  assert 'tries' not in h and not h['groups_start']['distinct']
+  steps = sorted(checkpoint.manager(workdir, read_only=True).all_steps())
+  real_epochs = train._train_epochs
 
   def no_training(run):
     raise AssertionError('trained again')
 
   monkeypatch.setattr(train, '_train_epochs', no_training)
+  # Finished with train.tries = 1 (no start check), rerun with 3; then finished before both checks:
+  # the checks are computed from the checkpoint, written to train_history.json, nothing trains.
+  for keys in (('groups_start',), ('groups', 'groups_start')):
+    _drop_checks(c, workdir, steps[-1], keys)
+    os.remove(os.path.join(workdir, train.HISTORY))
+    assert train.train(inputs, workdir) == h and _history(workdir) == h
+  # Killed mid-training before the start check existed: resumed, it gets the check, and the tries
+  # follow it (none here).
+  monkeypatch.setattr(train, '_train_epochs', real_epochs)
+  for step in steps[1:]:
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+  _drop_checks(c, workdir, steps[0], ('groups_start',))
   again = train.train(inputs, workdir)
-  assert again['groups_start'] == h['groups_start'] and again['groups'] == h['groups']
+  assert again['groups_start'] == h['groups_start'] and 'tries' not in again
+  assert not os.path.exists(os.path.join(workdir, 'tries'))
