@@ -313,9 +313,13 @@ def _keep(inputs, workdir: str, done: list) -> dict:
   return kept
 
 
-def _checks_of_earlier_runs(c, workdir: str, history: dict, net, state, patches) -> None:
+def _checks_of_earlier_runs(c, workdir: str, history: dict, net, state, load_data) -> None:
   """The group checks train() reads that a finished run trained before them lacks: added to its
-  history and to train_history.json (the report reads it)."""
+  history and to train_history.json (the report reads it); the training data is loaded only then."""
+  start_read = 'tries' not in history and not history.get('groups', {}).get('distinct', False)
+  if 'groups' in history and ('groups_start' in history or not start_read):
+    return
+  patches = load_data().patches
   if 'groups' not in history:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     history['groups'] = _trained_check(c, model.make_embed_fn(net), variables, patches)
@@ -366,12 +370,9 @@ def _start(inputs, workdir: str, overwrite: bool):
     if meta.get('done'):
       logging.info('training already complete in %s (checkpoint %d)', workdir, step)
       history = meta['history']
-      wanted = 'groups' not in history or not (
-        'tries' in history or history['groups']['distinct'] or 'groups_start' in history
-      )
-      if c.train.tries > 1 and wanted:
-        data = samples.load_training_data(inputs, centres=saved['centres'], m=m)
-        _checks_of_earlier_runs(c, workdir, history, net, state, data.patches)
+      if c.train.tries > 1:
+        load = functools.partial(samples.load_training_data, inputs, centres=saved['centres'], m=m)
+        _checks_of_earlier_runs(c, workdir, history, net, state, load)
       return history
   initial = None
   if resume is None:
