@@ -160,6 +160,13 @@ def _trained_once(workdir: str) -> bool:
     return 'tries' not in json.load(f)
 
 
+def _scores(workdir: str) -> dict:
+  """The NMIs and jule3d's uncovered share from a run's report.json."""
+  with open(os.path.join(workdir, 'report.json')) as f:
+    rep = json.load(f)
+  return {'nmi': rep['nmi'], 'uncovered': rep['uncovered_fraction'].get('jule3d')}
+
+
 def _run(data: str, seed: int, variant: str, root: str, cache: bool = True) -> dict:
   config, data_flags = DATA[data]
   arg, flags, trains, _ = VARIANTS[variant]
@@ -167,10 +174,7 @@ def _run(data: str, seed: int, variant: str, root: str, cache: bool = True) -> d
   reference = os.path.join(root, f'{data}-s{seed}-recommended')
   shutil.rmtree(workdir, ignore_errors=True)
   if variant == 'one_try' and _trained_once(reference):
-    with open(os.path.join(reference, 'report.json')) as f:
-      rep = json.load(f)
-    return {'nmi': rep['nmi'], 'uncovered': rep['uncovered_fraction'].get('jule3d'), 'wall_s': 0.0,
-            'same_run': SAME_RUN}  # fmt: skip
+    return {**_scores(reference), 'wall_s': 0.0, 'same_run': SAME_RUN}
   if variant != 'recommended' and os.path.isdir(os.path.join(reference, 'baselines')):
     shutil.copytree(os.path.join(reference, 'baselines'), os.path.join(workdir, 'baselines'))
   _share_atropos(data, workdir, root)
@@ -185,11 +189,8 @@ def _run(data: str, seed: int, variant: str, root: str, cache: bool = True) -> d
   if proc.returncode != 0:
     raise SystemExit(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
   wall = time.time() - t0
-  with open(os.path.join(workdir, 'report.json')) as f:
-    rep = json.load(f)
   return {
-    'nmi': rep['nmi'],
-    'uncovered': rep['uncovered_fraction'].get('jule3d'),
+    **_scores(workdir),
     'wall_s': round(wall, 1),
     'compile_cache': cache,
     'command': ' '.join(cmd[1:]).replace(ROOT + '/', ''),
