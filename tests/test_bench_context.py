@@ -39,11 +39,27 @@ def test_nmi_is_sklearns_geometric_nmi():
 
 def test_readings_find_separable_tissues_and_nothing_in_noise():
   rng = np.random.default_rng(2)
-  truth = rng.integers(1, 4, 3000)
+  # Three tissues in slabs of a 15 x 10 x 20 block, so that the MRF has neighbours to agree with.
+  voxels = np.argwhere(np.ones((15, 10, 20), bool))
+  truth = voxels[:, 0] // 5 + 1
   # Integer levels, as the raw uint8 T1: a tree splits between two levels exactly.
   good = mc.standardised(np.stack([truth * 10.0 + rng.integers(-2, 3, truth.size)], axis=1))
   noise = mc.standardised(rng.normal(size=(truth.size, 2)))
   for f, lo, hi in ((good, 0.99, 1.0), (noise, 0.0, 0.02)):
-    r = mc.unsupervised(f, truth, seed=0, fit=2000)
-    assert lo <= r['k-means'] <= hi and lo <= r['GMM'] <= hi
+    r = mc.unsupervised(f, truth, seed=0, voxels=voxels, fit=2000)
+    assert set(r) == {'k-means', 'k-means + Potts', 'GMM', 'GMM + Potts'}
+    assert all(lo <= v <= hi for v in r.values()), r
     assert lo <= mc.supervised(f, truth, train=1000) <= hi
+  assert set(mc.unsupervised(good, truth, seed=0, fit=2000)) == {'k-means', 'GMM'}
+
+
+def test_potts_repairs_noisy_voxels_in_both_readings():
+  rng = np.random.default_rng(3)
+  voxels = np.argwhere(np.ones((12, 12, 12), bool))
+  truth = voxels[:, 0] // 4 + 1
+  # Tissues 10 apart with noise of std 4: about a fifth of the voxels cross a midpoint, each
+  # surrounded by voxels of its own tissue.
+  level = truth * 10.0 + rng.normal(0, 4.0, truth.size)
+  r = mc.unsupervised(mc.standardised(level[:, None]), truth, seed=0, voxels=voxels, fit=1728)
+  assert r['k-means + Potts'] > r['k-means'] + 0.1
+  assert r['GMM + Potts'] > r['GMM'] + 0.1
