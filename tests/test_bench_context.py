@@ -6,6 +6,7 @@ from scipy import ndimage
 from sklearn.metrics import normalized_mutual_info_score
 
 from bench import mni152_context as mc
+from jule3d import descriptors
 
 
 def _volume(seed: int = 0):
@@ -43,8 +44,8 @@ def test_readings_find_separable_tissues_and_nothing_in_noise():
   voxels = np.argwhere(np.ones((15, 10, 20), bool))
   truth = voxels[:, 0] // 5 + 1
   # Integer levels, as the raw uint8 T1: a tree splits between two levels exactly.
-  good = mc.standardised(np.stack([truth * 10.0 + rng.integers(-2, 3, truth.size)], axis=1))
-  noise = mc.standardised(rng.normal(size=(truth.size, 2)))
+  good = descriptors.standardise(np.stack([truth * 10.0 + rng.integers(-2, 3, truth.size)], axis=1))
+  noise = descriptors.standardise(rng.normal(size=(truth.size, 2)))
   for f, lo, hi in ((good, 0.99, 1.0), (noise, 0.0, 0.02)):
     r = mc.unsupervised(f, truth, seed=0, voxels=voxels, fit=2000)
     assert set(r) == {'k-means', 'k-means + Potts', 'GMM', 'GMM + Potts'}
@@ -60,6 +61,8 @@ def test_potts_repairs_noisy_voxels_in_both_readings():
   # Tissues 10 apart with noise of std 4: about a fifth of the voxels cross a midpoint, each
   # surrounded by voxels of its own tissue.
   level = truth * 10.0 + rng.normal(0, 4.0, truth.size)
-  r = mc.unsupervised(mc.standardised(level[:, None]), truth, seed=0, voxels=voxels, fit=1728)
+  r = mc.unsupervised(
+    descriptors.standardise(level[:, None]), truth, seed=0, voxels=voxels, fit=1728
+  )
   assert r['k-means + Potts'] > r['k-means'] + 0.1
   assert r['GMM + Potts'] > r['GMM'] + 0.1
