@@ -317,10 +317,14 @@ def test_atropos_missing_is_one_log_line_and_the_report_is_still_written(tmp_pat
 
 
 @pytest.mark.skipif(atropos.interpreter() is None, reason='no .venv-ants (make mni152 creates it)')
-def test_atropos_baseline_segments_plateaus_and_is_reused(tmp_path):
+def test_atropos_baseline_segments_plateaus_and_is_reused(tmp_path, monkeypatch):
   wd, inputs, ref, _ = _workdir(tmp_path)
   inputs.config.evaluate.atropos = True
+  system_tmp = tmp_path / 'system_tmp'
+  system_tmp.mkdir()
+  monkeypatch.setenv('TMPDIR', str(system_tmp))
   out = evaluate.evaluate(inputs, str(wd))
+  assert not os.listdir(system_tmp)  # ants.atropos' probability images stay in the run's work dir
   assert out['nmi']['atropos'] == pytest.approx(1.0)
   stored = volume.open_volume(out['baselines']['atropos']['path'])
   labels = stored.read((0, 0, 0), stored.shape)
