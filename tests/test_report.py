@@ -344,5 +344,6 @@ def test_phase1_section_names_the_tries_and_the_kept_one():
   start = {'ratio': 0.48, 'distinct': False}
   one = '\n'.join(report._phase1({**history, 'groups_start': start, 'groups': start}, {}))
   assert 'One training (train.tries): neither the period-0 features (group ratio 0.48)' in one
+  assert 'an intensity model places the cuts better' in one and 'baselines/*.zarr' in one
   held = {**history, 'groups_start': {'ratio': 0.28, 'distinct': True}, 'groups': start}
   assert 'One training' not in '\n'.join(report._phase1(held, {}))
