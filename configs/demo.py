@@ -14,22 +14,10 @@ from configs import base
 
 def get_config(arg: str = ''):
   """Returns the demo config; `arg='paper'` keeps the paper's method (no extension)."""
-  c = base.get_config()
+  c = base.cpu_size(base.get_config())  # the CPU size (17^3 patches: 17 -> 15 -> 7 -> 5 -> 3)
   c.data.phantom_shape = (96, 96, 96)
   c.data.phantom_seed = 0
   c.data.threshold = 2000.0  # Phantom units: air ~1000, tissue ~3000-6000 (see jule3d/phantom.py).
-  c.patches.patch_size = 17
-  c.patches.num_patches = 2000
-  c.model.conv_features = (16, 16, 16)
-  c.model.kernel_size = 3  # 17 -> 15 -> 7 -> 5 -> 3, as the paper's 27 -> ... -> 3.
-  c.model.hidden_dim = 128
-  c.model.embed_dim = 32
-  # Narrow layers need a larger init than the paper's N(0, 0.01^2): with 0.01 the embedding before
-  # L2 normalisation is tiny, the first SGD steps blow up the last bias and every embedding collapses
-  # to one point (loss pinned at the margin), even when training on the true labels (measured).
-  c.model.init_std = 0.05
-  c.cluster.num_clusters = 20
-  c.train.epochs_per_period = 2
   c.segment.stride = 4
   paper = 'paper' in base.parse_arg(arg, ('paper',))
   if not paper:

@@ -6,10 +6,11 @@ Command (installs nilearn from requirements-mni152.txt, then runs):
 
 Scored against argmax(CSF = 1 - GM - WM, GM, WM) inside the brain mask T1/255 > 0.2 (raw uint8
 values, see jule3d/datasets.py), next to k-means on intensity and multi-Otsu on the same voxels.
-Expected runtime: about 2 minutes on 2 CPU cores (CPU-size settings: 3,000 15^3 patches, a narrow
-CNN; Atropos is half of it). Expected result (README "Results"): jule3d NMI 0.56-0.59 over run
-seeds 0-2, below k-means on intensity (0.68-0.69), multi-Otsu (0.68) and Atropos (0.71).
-`:paper`: 0.16-0.19.
+Expected runtime: about 2 minutes on 2 CPU cores (the recommended method's CPU size, the demo's:
+2,000 17^3 patches, a narrow CNN, configs/base.py CPU_SIZE; Atropos is half of it). Expected result
+(README "Results"): jule3d NMI 0.57-0.58 over run seeds 0-2, below k-means on intensity
+(0.68-0.69), multi-Otsu (0.68) and Atropos (0.71). `:paper` (at the CPU size this config shipped
+with: 3,000 15^3 patches, C = 30, 3 epochs a period): 0.16-0.19.
 """
 
 from configs import base
@@ -20,17 +21,21 @@ def get_config(arg: str = ''):
   c = base.get_config()
   c.data.builtin = 'mni152'
   c.data.threshold = 52.0  # raw T1 >= 52  <=>  T1/255 > 0.2, the brain mask of the protocol
-  c.patches.patch_size = 15  # 15 mm at 1 mm: tissue boundaries are a few mm apart
+  paper = 'paper' in base.parse_arg(arg, ('paper',))
+  if not paper:
+    base.cpu_size(c)  # the recommended method's CPU size, the demo's and scan.py's (base.py)
+    c.segment.stride = 1  # the recommended method's stride for a volume this small (base.py)
+    return base.method(c, paper=False)
+  # The paper's method as the project shipped it (tests/data/paper_configs.json), with the CPU
+  # size this config had then: 15^3 patches, 3,000 of them, C = 30, 3 epochs a period.
+  c.patches.patch_size = 15
   c.patches.num_patches = 3000
   c.model.conv_features = (16, 16, 16)
   c.model.kernel_size = 3  # 15 -> 13 -> 6 -> 4 -> 2
   c.model.hidden_dim = 128
   c.model.embed_dim = 32
   c.cluster.num_clusters = 30
-  c.model.init_std = 0.05  # narrow CNN: see configs/demo.py (0.01 collapses the embedding)
+  c.model.init_std = 0.05  # narrow CNN: see base.CPU_SIZE (0.01 collapses the embedding)
   c.train.epochs_per_period = 3
   c.segment.stride = 3
-  paper = 'paper' in base.parse_arg(arg, ('paper',))
-  if not paper:
-    c.segment.stride = 1  # the recommended method's stride for a volume this small (base.py)
-  return base.method(c, paper=paper)
+  return base.method(c, paper=True)

@@ -17,12 +17,14 @@ Anisotropic scans are resampled to near-isotropic voxels of the same voxel volum
 thinner than a patch are padded by reflection (jule3d/working.py): the labels come back on the
 scan's own grid, every foreground voxel labelled.
 
-The patch is 15 voxels of the working grid (15 mm at 1 mm: tissue boundaries a few mm apart), the
-CNN is CPU-sized (as configs/mni152.py), and the grid stride is 2 (a label per 2^3 block, then the
+Network and training run at the recommended method's CPU size, the demo's and MNI152's
+(configs/base.py CPU_SIZE: 2,000 patches of 17^3 voxels of the working grid, 17 mm at 1 mm, a
+narrow CNN, C = 20, 2 epochs a period), and the grid stride is 2 (a label per 2^3 block, then the
 fill): set --config.segment.stride=1 for volumes under ~10^7 voxels (every voxel its own patch), as
-configs/demo.py and configs/mni152.py do. Measured on 2 CPU cores, a 512 x 512 x 48 CT (12.6 million
-voxels, 0.57 x 0.57 x 5 mm, resampled to 248 x 248 x 204): training 50 s, segmentation 18 s, the
-report 4 min, nearly all of it the Atropos baseline (--config.evaluate.atropos=False skips it).
+configs/demo.py and configs/mni152.py do. Measured on 2 CPU cores, a 512 x 512 x 48 CT (12.6
+million voxels, 0.57 x 0.57 x 5 mm, resampled to 248 x 248 x 204; tests/test_clinical.py's
+synthetic_ct, --config.data.threshold=-500): training 25 s, segmentation 11 s, the report 2 s
+without the Atropos baseline (--config.evaluate.atropos=False), which adds about 4 min.
 """
 
 from configs import base
@@ -32,14 +34,6 @@ def get_config(arg: str = ''):
   """Returns the own-scan config; `arg='paper'` keeps the paper's method (no extension)."""
   c = base.get_config()
   c.data.threshold = 'otsu'
-  c.patches.patch_size = 15
-  c.patches.num_patches = 3000
-  c.model.conv_features = (16, 16, 16)
-  c.model.kernel_size = 3  # 15 -> 13 -> 6 -> 4 -> 2
-  c.model.hidden_dim = 128
-  c.model.embed_dim = 32
-  c.model.init_std = 0.05  # narrow CNN: see configs/demo.py (0.01 collapses the embedding)
-  c.cluster.num_clusters = 30
-  c.train.epochs_per_period = 3
+  base.cpu_size(c)  # the CPU size of the demo and MNI152 (configs/base.py CPU_SIZE)
   c.segment.stride = 2
   return base.method(c, paper='paper' in base.parse_arg(arg, ('paper',)))

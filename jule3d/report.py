@@ -261,7 +261,7 @@ def _phase1(history, figs) -> list[str]:
       f'nor the trained ones ({trained["ratio"]:.2f}) hold K distinct groups, and a training that '
       'starts without them is not expected to find them. Where the classes differ along one '
       "continuum, as MNI152's tissues do along the T1 intensity, an intensity model places the cuts "
-      "better: on MNI152 this report's baselines score 0.68-0.71 NMI against jule3d's 0.56-0.59 "
+      "better: on MNI152 this report's baselines score 0.68-0.71 NMI against jule3d's 0.57-0.58 "
       '(README "Results"); compare them in the slices (their labels: baselines/*.zarr).'
     )
   lines.append('')

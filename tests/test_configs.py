@@ -91,11 +91,24 @@ def test_shipped_configs_use_the_recommended_method(name):
     assert _get(c, field) == value, field
   # Small volumes are segmented at stride 1 (the rule in configs/base.py); lung-size ones are not.
   assert c.segment.stride == (1 if name in ('demo', 'mni152') else paper.segment.stride)
-  # Apart from the recommended fields and the stride, the method's config is the paper's.
-  for field in [*base.RECOMMENDED, 'segment.stride']:
+  # Apart from the recommended fields and the stride, the method's config is the paper's; on
+  # MNI152 also apart from the CPU size, which ':paper' keeps as the config shipped it.
+  size = list(base.CPU_SIZE) if name == 'mni152' else []
+  for field in [*base.RECOMMENDED, 'segment.stride', *size]:
     group, fname = field.split('.')
     c[group][fname] = paper[group][fname]
   assert c.to_dict() == paper.to_dict()
+
+
+def test_demo_mni152_and_the_own_scan_config_share_one_cpu_size():
+  from configs import scan
+
+  for get in (demo.get_config, mni152.get_config, scan.get_config):
+    c = get()
+    for field, value in base.CPU_SIZE.items():
+      assert _get(c, field) == value, (get.__module__, field)
+  # MNI152's ':paper' keeps the size it shipped with (the snapshot above pins all of it).
+  assert mni152.get_config('paper').patches.patch_size == 15
 
 
 def test_every_lung_config_takes_cpu_and_paper():
