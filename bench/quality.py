@@ -11,12 +11,14 @@ of the baselines from each report.json, so every figure is measured exactly as a
              mean_fill, no_mask, no_domain, raw_init, texture_init, flatten_head, no_centre,
                          no_smoothing, no_fill, no_envelope, one_try: one extension of the
                          recommended method off (the ablation)
+             embedding_layer, hidden_layer: k-means reads one layer of the CNN whatever the
+                         training's group check (segment.layer 'auto' off, either way)
              intensity_only, descriptor_only: the same pipeline with the CNN features replaced by
                          the centre voxel's intensity or the period-0 descriptor (the cue the rule
                          picks: what the method adds by hand; smoothing and fill stay on)
-             hidden_layer, augment: options measured and left off (segment.layer = 'hidden',
-                         train.augment = 'symmetries'; README "Honest reading"); run only when
-                         named (`--variants=...` or `--variants=all`), not by default
+             augment:    an option measured and left off (train.augment = 'symmetries'; README
+                         "Honest reading"); run only when named (`--variants=...` or
+                         `--variants=all`), not by default
 
 Variants that change only phase 2 segment with the recommended run's checkpoint in one
 `--mode=all` process (`--config.segment.checkpoint`: nothing is trained; training is identical),
@@ -25,7 +27,8 @@ no seed, is computed once per data set and reused by the other seeds (jule3d/atr
 store only while its settings match). `one_try` is the recommended run itself wherever that run
 trained once (its train_history.json holds no 'tries': train.tries only acts after a first training
 that lost groups its period-0 features held), so it is run only where the recommended run trained
-again; the table says how many of its figures are the recommended run's. Results accumulate
+again; likewise `embedding_layer` and `hidden_layer` only where the recommended run read the other
+layer (report.json 'reading'); the table says how many of their figures are the recommended run's. Results accumulate
 in WORKDIR/results.json: rerunning skips what is already there (use --fresh to start over). The runs
 share JAX's persistent compilation cache in WORKDIR/jax_cache (the same programs compile once for
 every seed and variant; `--no-compile-cache` compiles each run afresh).
@@ -85,11 +88,17 @@ VARIANTS = {
     False,
     'the fill stops at the domain (pores open onto the surface unlabelled)',
   ),
+  'embedding_layer': (
+    '',
+    ['--config.segment.layer=embedding'],
+    False,
+    "k-means always reads the CNN's embedding (the paper's), whatever the training's group check",
+  ),
   'hidden_layer': (
     '',
     ['--config.segment.layer=hidden'],
     False,
-    "tried, not recommended: k-means reads the CNN's hidden layer, not its embedding",
+    "k-means always reads the CNN's hidden layer, whatever the training's group check",
   ),
   'raw_init': ('', ['--config.cluster.initial_features=raw'], True, 'period 0 on L2 raw voxels'),
   'no_domain': (
@@ -118,9 +127,15 @@ VARIANTS = {
     "tried, not recommended: training patches under the cube's 48 symmetries",
   ),
 }
-OPTIONAL = ('hidden_layer', 'augment')  # measured and left off: run only when named
+OPTIONAL = ('augment',)  # measured and left off: run only when named
 BASELINES = ('kmeans_intensity', 'multi_otsu', 'atropos')
-SAME_RUN = 'the recommended run trained once, so train.tries=1 is the same run'
+SAME_RUN = {
+  'one_try': 'the recommended run trained once, so train.tries=1 is the same run',
+  'embedding_layer': 'the recommended run read the embedding, so segment.layer=embedding is the '
+  'same run',
+  'hidden_layer': 'the recommended run read the hidden layer, so segment.layer=hidden is the same '
+  'run',
+}
 
 
 def _env(root: str, cache: bool) -> dict[str, str]:
@@ -160,6 +175,21 @@ def _trained_once(workdir: str) -> bool:
     return 'tries' not in json.load(f)
 
 
+def _read_layer(workdir: str) -> str | None:
+  """The CNN layer the run in `workdir` segmented with (report.json 'reading'; segment.py)."""
+  with open(os.path.join(workdir, 'report.json')) as f:
+    return (json.load(f).get('reading') or {}).get('layer')
+
+
+def _same_run(variant: str, reference: str) -> bool:
+  """Whether `variant` would repeat the recommended run in `reference` (SAME_RUN says why)."""
+  if variant == 'one_try':
+    return _trained_once(reference)
+  if variant in ('embedding_layer', 'hidden_layer'):
+    return _read_layer(reference) == variant.split('_')[0]
+  return False
+
+
 def _scores(workdir: str) -> dict:
   """The NMIs and jule3d's uncovered share from a run's report.json."""
   with open(os.path.join(workdir, 'report.json')) as f:
@@ -173,8 +203,8 @@ def _run(data: str, seed: int, variant: str, root: str, cache: bool = True) -> d
   workdir = os.path.join(root, f'{data}-s{seed}-{variant}')
   reference = os.path.join(root, f'{data}-s{seed}-recommended')
   shutil.rmtree(workdir, ignore_errors=True)
-  if variant == 'one_try' and _trained_once(reference):
-    return {**_scores(reference), 'wall_s': 0.0, 'same_run': SAME_RUN}
+  if _same_run(variant, reference):
+    return {**_scores(reference), 'wall_s': 0.0, 'same_run': SAME_RUN[variant]}
   if variant != 'recommended' and os.path.isdir(os.path.join(reference, 'baselines')):
     shutil.copytree(os.path.join(reference, 'baselines'), os.path.join(workdir, 'baselines'))
   _share_atropos(data, workdir, root)
@@ -295,12 +325,13 @@ def main(argv=None) -> int:
     f'Carried over from an earlier tree, not rerun: {r} ({", ".join(sorted(v))}).'
     for r, v in sorted(carried.items())
   ]
-  same = [k for k in keys if 'same_run' in results.get(k, {})]
-  if same:
-    body.append(
-      f'{len(same)} of the runs are not run again: {SAME_RUN} ({", ".join(same)}); their figures '
-      "are the recommended run's."
-    )
+  for variant, why in SAME_RUN.items():
+    same = [k for k in keys if k.endswith(f'/{variant}') and 'same_run' in results.get(k, {})]
+    if same:
+      body.append(
+        f'{len(same)} of the runs are not run again: {why} ({", ".join(same)}); their figures '
+        "are the recommended run's."
+      )
   for d in data:
     body += ['', f'### {d}', '', table(results, d, seeds, variants)]
   text = '\n'.join(body)

@@ -147,10 +147,11 @@ def get_config() -> ml_collections.ConfigDict:
   # the mean k-means distortion (jule3d/regularise.py); 0 = off (the paper).
   c.segment.smoothing = 0.0
   # Which of the CNN's layers k-means reads: 'embedding' (the paper: the L2-normalised output the
-  # triplet loss shapes) or 'hidden' (the first dense layer's ReLU output, which that output reads).
-  # 'hidden' was measured and left off (README "Honest reading": MNI152 +0.05, the demo -0.03).
-  # Its grid features are hidden_dim floats a grid patch instead of embed_dim (4x on the demo and
-  # MNI152, 8.4x with the paper's network), which the stride rule below does not count.
+  # triplet loss shapes), 'hidden' (the first dense layer's ReLU output, which that output reads) or
+  # 'auto' (the recommended method: the embedding where the trained features of the training
+  # patches hold K distinct groups, the hidden layer where they do not; segment.reading_layer).
+  # The hidden layer's grid features are hidden_dim floats a grid patch instead of embed_dim (4x on
+  # the demo and MNI152, 8.4x with the paper's network), which the stride rule below does not count.
   c.segment.layer = 'embedding'
   # Label every voxel of the domain (patches.domain), also within w/2 of the volume's faces, with
   # the label of the nearest grid block (the paper leaves them 0).
@@ -192,8 +193,9 @@ def get_config() -> ml_collections.ConfigDict:
 # The recommended method: every extension of the paper's JULE that measured better on both the
 # phantom and MNI152 (README "Segmentation quality"); set by `method`, undone by the ':paper' switch.
 # Its grid stride follows the volume's size (a data fact): stride 1, every voxel its own patch, where
-# the grid features (an embed_dim float32 row per domain voxel) fit in a few GB, i.e. up to ~10^7
-# voxels (configs/demo.py, configs/mni152.py); lung-size scans keep the paper's 5.
+# the grid features (an embed_dim float32 row per domain voxel; hidden_dim, 4x at the CPU size, where
+# segment.layer 'auto' reads the hidden layer) fit in a few GB, i.e. up to ~10^7 voxels (1.3 / 5 GB;
+# configs/demo.py, configs/mni152.py); lung-size scans keep the paper's 5.
 RECOMMENDED = {
   'patches.mask_outside': True,
   'patches.outside_fill': 'mirror',
@@ -205,6 +207,7 @@ RECOMMENDED = {
   'segment.smoothing': 1.0,
   'segment.fill': True,
   'segment.fill_envelope': True,
+  'segment.layer': 'auto',
 }
 
 

@@ -237,7 +237,12 @@ def _check_segment(c: ml_collections.ConfigDict, w: int) -> None:
     "'auto', 'dense' or 'per_patch'",
   )
   _require(s.smoothing >= 0, 'segment.smoothing', s.smoothing, 'a number >= 0 (0 = off)')
-  _require(s.layer in ('embedding', 'hidden'), 'segment.layer', s.layer, "'embedding' or 'hidden'")
+  _require(
+    s.layer in ('embedding', 'hidden', 'auto'),
+    'segment.layer',
+    s.layer,
+    "'embedding', 'hidden' or 'auto'",
+  )
   _require(
     s.features in SEGMENT_FEATURES,
     'segment.features',

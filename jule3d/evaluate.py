@@ -293,6 +293,7 @@ def evaluate(inputs, workdir: str, overwrite: bool = False) -> dict:
     'coverage': summary['coverage'],
     'segments': {m: summary['segments'].get(m) for m in METHODS},
     'groups': _groups(seg),
+    'reading': _zattrs(seg).get('reading'),  # the CNN layer k-means read and why (segment.py)
     'timing_s': {'train': timings.get('train'), 'segment': timings.get('segment'), **timings},
     'volume': _volume_record(inputs, img, seg),
     'baselines': computed,

@@ -61,13 +61,18 @@ def _segment_lines(segments: dict) -> list[str]:
   ]
 
 
-def _groups_lines(groups) -> list[str]:
+def _groups_lines(groups, reading=None) -> list[str]:
   if not isinstance(groups, dict):
     return []
   k = groups['k']
+  read = []
+  if isinstance(reading, dict):
+    layer = {'hidden': 'hidden layer'}.get(reading['layer'], reading['layer'])
+    read = [f"k-means read the CNN's {layer} ({reading['why']}).", '']
   return [
     '## Do the features hold K groups? (no reference needed)',
     '',
+    *read,
     f"k-means leaves {groups['unexplained_k']:.3f} of the learned features' variance with K = {k} "
     f'segments and {groups["unexplained_k_minus_1"]:.3f} with {k - 1}: ratio {groups["ratio"]:.2f}, '
     f'where one continuum without groups gives {groups["continuum_ratio"]:.2f}. So '
@@ -175,7 +180,7 @@ def markdown(rep: dict) -> str:
   if scored:
     lines += _score_lines(rep)
   lines += _segment_lines(rep.get('segments'))
-  lines += _groups_lines(rep.get('groups'))
+  lines += _groups_lines(rep.get('groups'), rep.get('reading'))
   figs = rep.get('figures') or {}
   errors = rep.get('figures_error') or {}
   lines += ['## Slices', '']
@@ -261,7 +266,7 @@ def _phase1(history, figs) -> list[str]:
       f'nor the trained ones ({trained["ratio"]:.2f}) hold K distinct groups, and a training that '
       'starts without them is not expected to find them. Where the classes differ along one '
       "continuum, as MNI152's tissues do along the T1 intensity, an intensity model places the cuts "
-      "better: on MNI152 this report's baselines score 0.68-0.71 NMI against jule3d's 0.57-0.58 "
+      "better: on MNI152 this report's baselines score 0.68-0.71 NMI against jule3d's 0.63-0.68 "
       '(README "Results"); compare them in the slices (their labels: baselines/*.zarr).'
     )
   lines.append('')

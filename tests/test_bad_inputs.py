@@ -329,7 +329,7 @@ CASES = {
     _args('--config.patches.outside_fill=zero'), 'patches.outside_fill', "'mirror' or 'mean'"
   ),
   'unknown layer': Case(
-    _args('--config.segment.layer=fc2'), 'segment.layer', "'embedding' or 'hidden'"
+    _args('--config.segment.layer=fc2'), 'segment.layer', "'embedding', 'hidden' or 'auto'"
   ),
   'unknown augmentation': Case(
     _args('--config.train.augment=flips'), 'train.augment', "'none' or 'symmetries'"

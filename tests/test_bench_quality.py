@@ -10,13 +10,14 @@ import pytest
 from bench import quality
 
 
-def _recommended(root, data='demo', seed=0, history=None, nmi=0.5, atropos=False):
+def _recommended(root, data='demo', seed=0, history=None, nmi=0.5, atropos=False, layer=None):
   ref = os.path.join(root, f'{data}-s{seed}-recommended')
   os.makedirs(os.path.join(ref, 'baselines'))
   with open(os.path.join(ref, 'train_history.json'), 'w') as f:
     json.dump(history if history is not None else {'periods': []}, f)
   with open(os.path.join(ref, 'report.json'), 'w') as f:
-    json.dump({'nmi': {'jule3d': nmi}, 'uncovered_fraction': {'jule3d': 0.01}}, f)
+    rep = {'nmi': {'jule3d': nmi}, 'uncovered_fraction': {'jule3d': 0.01}}
+    json.dump({**rep, 'reading': layer and {'layer': layer, 'why': 'auto'}}, f)
   if atropos:
     os.makedirs(os.path.join(ref, 'baselines', 'atropos.zarr'))
     with open(os.path.join(ref, 'baselines', 'atropos.zarr', '.zattrs'), 'w') as f:
@@ -40,7 +41,7 @@ def test_one_try_is_the_recommended_run_where_it_trained_once(tmp_path, monkeypa
   _recommended(str(tmp_path), nmi=0.612)
   got = quality._run('demo', 0, 'one_try', str(tmp_path))
   assert got['nmi'] == {'jule3d': 0.612}
-  assert got['same_run'] == quality.SAME_RUN
+  assert got['same_run'] == quality.SAME_RUN['one_try']
 
 
 def test_one_try_runs_where_the_recommended_run_trained_again(tmp_path, monkeypatch):
@@ -49,6 +50,20 @@ def test_one_try_runs_where_the_recommended_run_trained_again(tmp_path, monkeypa
   with pytest.raises(_Ran) as ran:
     quality._run('demo', 0, 'one_try', str(tmp_path))
   assert '--config.train.tries=1' in ran.value.args[0]
+
+
+@pytest.mark.parametrize('layer', ['embedding', 'hidden'])
+def test_a_layer_variant_is_the_recommended_run_where_that_run_read_its_layer(
+  tmp_path, monkeypatch, layer
+):
+  _no_cli(monkeypatch)
+  _recommended(str(tmp_path), nmi=0.655, layer=layer)
+  got = quality._run('demo', 0, f'{layer}_layer', str(tmp_path))
+  assert got['nmi'] == {'jule3d': 0.655} and got['same_run'] == quality.SAME_RUN[f'{layer}_layer']
+  other = {'embedding': 'hidden', 'hidden': 'embedding'}[layer]
+  with pytest.raises(_Ran) as ran:  # the other layer is another run
+    quality._run('demo', 0, f'{other}_layer', str(tmp_path))
+  assert f'--config.segment.layer={other}' in ran.value.args[0]
 
 
 def test_atropos_of_another_seed_of_the_same_data_only(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ PAPER_VALUES = {
   'segment.features': 'cnn',
   'model.head': 'flatten',
   'model.centre_size': 0,
-  'segment.layer': 'embedding',  # tried, not recommended (README "Honest reading")
+  'segment.layer': 'embedding',  # the recommended method decides ('auto')
   'train.augment': 'none',  # tried, not recommended
   'train.tries': 1,  # one training
 }

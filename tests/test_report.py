@@ -331,6 +331,9 @@ def test_groups_section_says_whether_the_features_hold_k_groups():
   held = '\n'.join(report._groups_lines({**groups, 'ratio': 0.23, 'distinct': True}))
   assert 'hold 3 distinct groups' in held and 'fewer' not in held
   assert report._groups_lines(None) == []  # a segmentation written before the check
+  read = {'layer': 'hidden', 'why': "segment.layer = 'auto': fewer than 3 distinct groups"}
+  text = '\n'.join(report._groups_lines({**groups, 'distinct': False}, read))
+  assert "k-means read the CNN's hidden layer (segment.layer = 'auto': fewer than 3" in text
 
 
 def test_phase1_section_names_the_tries_and_the_kept_one():

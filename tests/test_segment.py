@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
+from configs import smoke
 from jule3d import features, segment, volume
 
 
@@ -154,6 +155,41 @@ def test_mode_all_writes_the_report(smoke_run):
   assert abs(kept['ratio'] - kept['unexplained_k'] / kept['unexplained_k_minus_1']) < 1e-3
   with open(os.path.join(smoke_run, 'report.md')) as f:
     assert f'ratio {kept["ratio"]:.2f}' in f.read()
+
+
+def test_auto_reads_the_layer_the_trainings_group_check_decides(smoke_run, tmp_path):
+  import json
+
+  distinct = {'k': 3, 'ratio': 0.25, 'distinct': True}
+  assert segment.reading_layer('auto', {'groups': distinct})[0] == 'embedding'
+  layer, why = segment.reading_layer(
+    'auto', {'groups': {**distinct, 'ratio': 0.47, 'distinct': False}}
+  )
+  assert layer == 'hidden' and 'fewer than 3 distinct groups (ratio 0.47)' in why
+  assert (
+    segment.reading_layer('auto', {'periods': []})[0] == 'embedding'
+  )  # trained before the check
+  assert segment.reading_layer('auto', None)[0] == 'embedding'
+  for layer in ('embedding', 'hidden'):  # an explicit layer is read whatever the check says
+    assert segment.reading_layer(layer, {'groups': distinct})[0] == layer
+  # The smoke run (the recommended method: 'auto') read the layer its own check decides, and the
+  # segmentation and the report say which; the features k-means read have that layer's width.
+  with open(os.path.join(smoke_run, 'train_history.json')) as f:
+    want = 'embedding' if json.load(f)['groups']['distinct'] else 'hidden'
+  with open(os.path.join(smoke_run, 'segmentation.zarr', '.zattrs')) as f:
+    assert json.load(f)['reading']['layer'] == want
+  with open(os.path.join(smoke_run, 'report.md')) as f:
+    said = {'embedding': 'embedding', 'hidden': 'hidden layer'}[want]
+    assert f"k-means read the CNN's {said} (segment.layer = 'auto'" in f.read()
+  work = str(tmp_path / 'again')
+  run_cli(
+    '--config=configs/smoke.py', f'--workdir={work}', '--mode=segment',
+    f'--config.segment.checkpoint={smoke_run}', '--config.segment.save_features=True',
+    check=True,
+  )  # fmt: skip
+  c = smoke.get_config()
+  width = {'embedding': c.model.embed_dim, 'hidden': c.model.hidden_dim}[want]
+  assert np.load(os.path.join(work, 'features.npz'))['features'].shape[1] == width
 
 
 def test_features_resume_after_a_crash_without_recomputing_done_parts(tmp_path):
