@@ -21,6 +21,9 @@ and the reference labels, on 100,000 random annotated grid patches, and prints:
 
   python launch.py --config=configs/mni152.py --workdir=runs/mni152 --config.segment.save_features=True
   python bench/embedding_reading.py --data=mni152 --workdir=runs/mni152
+
+The features are those k-means read: the recommended method (segment.layer = 'auto') reads MNI152's
+hidden layer; add --config.segment.layer=embedding to the first command for the embedding.
 """
 
 import argparse

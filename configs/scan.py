@@ -23,8 +23,10 @@ narrow CNN, C = 20, 2 epochs a period), and the grid stride is 2 (a label per 2^
 fill): set --config.segment.stride=1 for volumes under ~10^7 voxels (every voxel its own patch), as
 configs/demo.py and configs/mni152.py do. Measured on 2 CPU cores, a 512 x 512 x 48 CT (12.6
 million voxels, 0.57 x 0.57 x 5 mm, resampled to 248 x 248 x 204; tests/test_clinical.py's
-synthetic_ct, --config.data.threshold=-500): training 25 s, segmentation 11 s, the report 2 s
-without the Atropos baseline (--config.evaluate.atropos=False), which adds about 4 min.
+synthetic_ct, --config.data.threshold=-500): training 22 s, segmentation 16 s (11 s reading the
+embedding: its trained features hold no three groups, so the recommended segment.layer = 'auto'
+reads the CNN's hidden layer), the report 3 s without the Atropos baseline
+(--config.evaluate.atropos=False), which adds about 4 min.
 """
 
 from configs import base
