@@ -190,8 +190,8 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-# The recommended method: every extension of the paper's JULE that measured better on both the
-# phantom and MNI152 (README "Segmentation quality"); set by `method`, undone by the ':paper' switch.
+# The recommended method: every extension of the paper's JULE that measured better on the phantom or
+# MNI152 and no worse on the other (README "Results"); set by `method`, undone by the ':paper' switch.
 # Its grid stride follows the volume's size (a data fact): stride 1, every voxel its own patch, where
 # the grid features (an embed_dim float32 row per domain voxel; hidden_dim, 4x at the CPU size, where
 # segment.layer 'auto' reads the hidden layer) fit in a few GB, i.e. up to ~10^7 voxels (1.3 / 5 GB;
