@@ -127,6 +127,7 @@ VARIANTS = {
     "tried, not recommended: training patches under the cube's 48 symmetries",
   ),
 }
+LAYER_OF = {'embedding_layer': 'embedding', 'hidden_layer': 'hidden'}  # segment.layer each reads
 OPTIONAL = ('augment',)  # measured and left off: run only when named
 BASELINES = ('kmeans_intensity', 'multi_otsu', 'atropos')
 SAME_RUN = {
@@ -185,8 +186,8 @@ def _same_run(variant: str, reference: str) -> bool:
   """Whether `variant` would repeat the recommended run in `reference` (SAME_RUN says why)."""
   if variant == 'one_try':
     return _trained_once(reference)
-  if variant in ('embedding_layer', 'hidden_layer'):
-    return _read_layer(reference) == variant.split('_')[0]
+  if variant in LAYER_OF:
+    return _read_layer(reference) == LAYER_OF[variant]
   return False
 
 

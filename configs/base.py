@@ -221,10 +221,14 @@ def method(c: ml_collections.ConfigDict, paper: bool) -> ml_collections.ConfigDi
   Returns:
     The same ConfigDict, modified in place.
   """
-  if not paper:
-    for field, value in RECOMMENDED.items():
-      group, name = field.split('.')
-      c[group][name] = value
+  return c if paper else _set_fields(c, RECOMMENDED)
+
+
+def _set_fields(c: ml_collections.ConfigDict, fields: dict) -> ml_collections.ConfigDict:
+  """`fields` ('group.name' -> value) on top of `c`, in place (returns `c`)."""
+  for field, value in fields.items():
+    group, name = field.split('.')
+    c[group][name] = value
   return c
 
 
@@ -252,10 +256,7 @@ CPU_SIZE = {
 
 def cpu_size(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """CPU_SIZE on top of `c`, in place (returns `c`)."""
-  for field, value in CPU_SIZE.items():
-    group, name = field.split('.')
-    c[group][name] = value
-  return c
+  return _set_fields(c, CPU_SIZE)
 
 
 def parse_arg(arg: str, allowed: tuple[str, ...]) -> set[str]:

@@ -280,7 +280,8 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
       raise UserError(f'{path!r} already exists: pass --overwrite to replace it.')
   net, variables, meta = load_model(c, workdir)
   layer, why = reading_layer(c.segment.layer, meta.get('history'))
-  if c.segment.features == 'cnn':
+  reading = {'layer': layer, 'why': why} if c.segment.features == 'cnn' else None  # else hand-made
+  if reading:
     logging.info("k-means reads the CNN's %s: %s", layer, why)
   net = net.clone(output=layer)
   w, s, k = c.patches.patch_size, c.segment.stride, c.segment.num_segments
@@ -309,7 +310,6 @@ def segment(inputs, workdir: str, overwrite: bool = False) -> dict:
   t_feat = time.time() - t0
   labels, found = _grid_labels(c, centres, feats)
   t_km = time.time() - t0 - t_feat
-  reading = {'layer': layer, 'why': why} if c.segment.features == 'cnn' else None
   _write_outputs(inputs, workdir, outputs, centres, labels, found, reading)
   if c.segment.save_features:
     with files.atomic_path(os.path.join(workdir, FEATURES), '.npz') as tmp:
